@@ -122,7 +122,6 @@ class Settings(BaseSettings):
                 "connect_timeout": 5,
                 "read_timeout": 30,
             }
-            opts["retries"] = self.storage_retries
             return opts
         return {}
 
