@@ -324,8 +324,8 @@ def test_network_policy_selects_stage_pods(rendered):
         assert ports == {("UDP", 53), ("TCP", 53), ("TCP", 443)}
 
 
-def test_configmaps_hold_the_repository_folders(rendered):
-    docs = _by_kind(rendered["default"])
+def test_configmaps_hold_the_repository_folders(helm):
+    docs = _by_kind(_docs(_template(helm, [])))  # fresh: compared with the files right below
     for cm_name, folder in [
         (deploy.PIPELINES_CONFIGMAP, REPO / "pipelines"),
         (deploy.EXPECTATIONS_CONFIGMAP, REPO / "expectations"),
@@ -467,6 +467,15 @@ def test_dag_pods_use_chart_names(dag_pods, rendered, kubernetes_validate):
         assert refs <= configmaps, f"{task_id}: ConfigMaps the chart does not create: {refs - configmaps}"
         secrets = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
         assert secrets <= {deploy.S3_SECRET_NAME}
+        # ConfigMap items restore sub-folders (pipelines/deepprofiler/config.json) in the mount.
+        by_name = {v["configMap"]["name"]: v["configMap"] for v in spec["volumes"] if "configMap" in v}
+        for cm_name, folder in [
+            (deploy.PIPELINES_CONFIGMAP, REPO / "pipelines"),
+            (deploy.EXPECTATIONS_CONFIGMAP, REPO / "expectations"),
+        ]:
+            items = deploy.configmap_items(folder)
+            if any("/" in i["path"] for i in items):
+                assert by_name[cm_name].get("items") == items, f"{task_id}: {cm_name} flattens sub-folders"
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert {deploy.SCRATCH_MOUNT_PATH, deploy.PIPELINES_MOUNT_PATH, deploy.EXPECTATIONS_MOUNT_PATH} <= mounts
         policy = docs[("NetworkPolicy", deploy.NETWORK_POLICY)]["spec"]["podSelector"]["matchLabels"]
@@ -501,3 +510,71 @@ def test_install_on_a_real_cluster():
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# cpjump1.deploy on its own (no tools needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deploy_rejects_unknown_stage():
+    from cpjump1.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="unknown stage 'analyse'"):
+        deploy.resources("analyse")
+
+
+def test_configmap_key_rules(tmp_path):
+    from cpjump1.errors import InputDataError
+
+    assert deploy.configmap_key("deepprofiler/config.json") == "deepprofiler__config.json"
+    with pytest.raises(InputDataError, match="my pipeline.cppipe"):
+        deploy.configmap_key("my pipeline.cppipe")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.json").write_text("{}")
+    (tmp_path / "b.cppipe").write_text("x")
+    (tmp_path / ".hidden").write_text("x")
+    assert deploy.configmap_items(tmp_path) == [
+        {"key": "b.cppipe", "path": "b.cppipe"},
+        {"key": "sub__a.json", "path": "sub/a.json"},
+    ]
+
+
+def test_resources_and_gpu():
+    settings = Settings(
+        resources={
+            **Settings().resources,
+            "analysis": {"cpu": "1", "memory": "6Gi", "memory_limit": "8Gi", "ephemeral_storage": "10Gi"},
+            "deep_profiles": {"cpu": "4", "memory": "16Gi", "gpu": "2"},
+            "benchmark": {"cpu": "2", "memory": "8Gi", "gpu": "0"},
+        }
+    )
+    assert deploy.resources("analysis", settings) == {
+        "requests": {"cpu": "1", "memory": "6Gi", "ephemeral-storage": "10Gi"},
+        "limits": {"cpu": "1", "memory": "8Gi", "ephemeral-storage": "10Gi"},
+    }
+    gpu = deploy.resources("deep_profiles", settings)
+    assert gpu["requests"][deploy.GPU_RESOURCE] == gpu["limits"][deploy.GPU_RESOURCE] == "2"
+    assert deploy.tolerations("deep_profiles", settings) == [deploy.GPU_TOLERATION]
+    assert not deploy.uses_gpu("benchmark", settings)
+    assert deploy.tolerations("benchmark", settings) == []
+
+
+def test_labels_are_valid_label_values():
+    labels = deploy.pod_labels("analysis", batch="2020_11_04_CPJUMP1", plate="BR00117010__2020-11-08T19_49_06.297Z" * 3)
+    for key, value in labels.items():
+        assert len(value) <= 63 and (value == "" or (value[0].isalnum() and value[-1].isalnum())), (key, value)
+    assert labels["cpjump1.io/batch"] == "2020_11_04_CPJUMP1"
+
+
+def test_stage_pod_dicts_are_kubernetes_client_models():
+    """Every key of deploy's dicts is a field of the client models (unknown keys would be
+    dropped silently by the operator factory's conversion)."""
+    pytest.importorskip("kubernetes", reason="kubernetes client not installed (`airflow` extra)")
+    from kubernetes.client import ApiClient
+
+    settings = get_settings()
+    for stage in deploy.STAGES:
+        pod = deploy.stage_pod(stage, ["x"], settings)
+        model = deploy.to_k8s_model(pod, "V1Pod")
+        assert ApiClient().sanitize_for_serialization(model) == pod

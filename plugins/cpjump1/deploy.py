@@ -244,13 +244,17 @@ def volumes(
     """Pod ``volumes``: scratch and tmp emptyDirs, the two ConfigMaps, the S3 Secret
     (``optional``: absent under IRSA) and, with ``pvc``, the data PVC.
 
-    With ``settings``, the ConfigMap ``items`` are :func:`configmap_items` of
-    ``settings.pipelines_dir`` / ``settings.expectations_dir`` (the same files the chart was
-    rendered from when images and chart come from one commit), so sub-folders such as
-    ``pipelines/deepprofiler/`` keep their place. Without, every key lands in the mount's top
-    folder. ``pvc`` defaults to ``settings.storage_pvc`` when the settings have that field
+    Unless given, the ConfigMap ``items`` are :func:`configmap_items` of
+    ``settings.pipelines_dir`` / ``settings.expectations_dir`` (``get_settings()`` when no
+    settings are passed): the same files the chart was rendered from when images and chart come
+    from one commit, so sub-folders such as ``pipelines/deepprofiler/`` keep their place. With
+    ``[]`` every key lands in the mount's top folder. ``pvc`` defaults to ``settings.storage_pvc`` when the settings have that field
     (``CPJUMP1_STORAGE_PVC`` of the chart's settings ConfigMap).
     """
+    if settings is None and (pipelines_items is None or expectations_items is None):
+        from cpjump1.settings import get_settings
+
+        settings = get_settings()
     if settings is not None:
         if pipelines_items is None:
             pipelines_items = configmap_items(settings.pipelines_dir)
