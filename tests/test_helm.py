@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -578,3 +579,54 @@ def test_stage_pod_dicts_are_kubernetes_client_models():
         pod = deploy.stage_pod(stage, ["x"], settings)
         model = deploy.to_k8s_model(pod, "V1Pod")
         assert ApiClient().sanitize_for_serialization(model) == pod
+
+
+def _notes(helm: str, tmp_path: Path, *extra: str) -> str:
+    """NOTES.txt rendered offline (helm prints NOTES only on install): a copy of the chart with
+    the notes wrapped in a ConfigMap template."""
+    chart = tmp_path / "cpjump1"
+    shutil.copytree(CHART, chart, symlinks=False)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        '{{- define "cpjump1.notesText" }}' + notes + "{{- end }}\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data:\n  notes: {{ include "cpjump1.notesText" . | quote }}\n'
+    )
+    proc = _run([helm, "template", "cpjump1", str(chart), "-n", NAMESPACE, "--show-only", "templates/zz-notes.yaml", *extra])
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)["data"]["notes"]
+
+
+def test_notes_warn_about_missing_storage(helm, tmp_path):
+    bare = _notes(helm, tmp_path / "a")
+    assert "WARNING: storage.root is empty" in bare
+    assert "create secret generic cpjump1-s3" in bare
+    assert f"{NAMESPACE}/airflow-scheduler" in bare
+    configured = _notes(
+        helm, tmp_path / "b", "-f", str(PRODUCTION_VALUES)
+    )
+    assert "WARNING" not in configured and "create secret" not in configured
+    assert "Outputs go to s3://my-cpjump1-bucket/cpjump1" in configured
+
+
+def test_helm_test_script_runs(rendered, tmp_path):
+    """The `helm test` pod's Python script, run here against a local storage root: it passes,
+    leaves nothing behind, and fails when no storage root is configured."""
+    pod = _by_kind(rendered["default"])[("Pod", "cpjump1-test-stage-pod")]
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["python", "-c"]
+    script = container["args"][0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPJUMP1_")}
+    env.update(
+        CPJUMP1_PIPELINES_DIR=str(REPO / "pipelines"),
+        CPJUMP1_EXPECTATIONS_DIR=str(REPO / "expectations"),
+        CPJUMP1_STORAGE_ROOT=str(tmp_path / "root"),
+    )
+    (tmp_path / "root").mkdir()
+    ok = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "storage round trip ok" in ok.stdout
+    assert not [p for p in (tmp_path / "root").rglob("*") if p.is_file()]
+    env.pop("CPJUMP1_STORAGE_ROOT")
+    bad = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert bad.returncode != 0 and "CPJUMP1_STORAGE_ROOT is not set" in bad.stderr
