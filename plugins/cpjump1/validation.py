@@ -99,7 +99,7 @@ class FailedExpectation:
 
     def line(self) -> str:
         args = ", ".join(
-            f"{k}={v!r}" for k, v in self.kwargs.items() if k not in ("batch_id", "column", "result_format")
+            f"{k}={_short(v)}" for k, v in self.kwargs.items() if k not in ("batch_id", "column", "result_format")
         )
         head = f"{self.type}({self.column or ''}{', ' if self.column and args else ''}{args})"
         if self.exception:
@@ -116,6 +116,11 @@ class FailedExpectation:
         if self.notes:
             parts.append(f"[{self.notes}]")
         return f"{head}: " + ", ".join(parts) if parts else head
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:60] + f"… ({len(v)} items)" if isinstance(v, (list, tuple)) else text[:77] + "…"
 
 
 def _fmt_example(e: Any) -> str:
@@ -270,8 +275,11 @@ def run_suite(
         gx.ValidationDefinition(name=f"{spec['name']}-{batch}-{plate}-{suffix}", data=batch_def, suite=gx_suite)
     )
     # GE prints a tqdm progress bar per run; keep task logs readable.
+    from great_expectations.core.run_identifier import RunIdentifier
+
     with contextlib.redirect_stderr(io.StringIO()):
         result = vdef.run(
+            run_id=RunIdentifier(run_name=f"{stage} {batch}/{plate}"),
             batch_parameters={"dataframe": data},
             expectation_parameters=params,
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20},
@@ -334,9 +342,13 @@ def _failure(r, data: pd.DataFrame, ids: list[str]) -> FailedExpectation:
                 break
     if not examples:
         examples = [_jsonable(v) for v in (res.get("partial_unexpected_list") or [])[:EXAMPLES]]
+    observed = res.get("observed_value")
+    mismatched = (res.get("details") or {}).get("mismatched") if isinstance(res.get("details"), dict) else None
+    if isinstance(mismatched, dict) and mismatched.get("missing"):
+        observed = {"missing columns": mismatched["missing"]}
     notes = (cfg.meta or {}).get("notes") if cfg.meta else None
     return FailedExpectation(
-        type=cfg.type, column=column, kwargs=_jsonable(kwargs), observed=_jsonable(res.get("observed_value")),
+        type=cfg.type, column=column, kwargs=_jsonable(kwargs), observed=_jsonable(observed),
         unexpected_count=res.get("unexpected_count"), element_count=res.get("element_count"),
         examples=examples, exception=exc, notes=notes,
     )
