@@ -1,0 +1,225 @@
+"""CellProfiler stages: seconds per site, and the stage's overhead over running CellProfiler by hand.
+
+What a user would otherwise do is run CellProfiler directly on a LoadData CSV::
+
+    python -m cellprofiler -c -r -p analysis.cppipe --data-file load_data_with_illum.csv -o out
+
+This script runs exactly that command (the baseline) and ``cpjump1.cellprofiler.run_analysis``
+side by side on the same synthetic plate and reports:
+
+* CellProfiler seconds per site at 256 px and 1080 px (8 channels; plus the real 6-channel
+  JUMP site when ``../shared/cpjump1`` is present), split into the fixed start-up cost of one
+  CellProfiler call (interpreter, JVM, Bio-Formats warm-up) and the per-site module time read
+  from CellProfiler's own log;
+* the stage's overhead on a plate of >= 16 sites: (stage wall time - CellProfiler wall time)
+  / CellProfiler wall time, with the stage's parts (load_data/fingerprint, staging,
+  reading + checks, publishing, marker) and, separately, the Great Expectations suite; and the
+  stage's wall time against the baseline's.
+
+Usage::
+
+    uv run --frozen --no-sync python benchmarks/bench_cellprofiler.py [--sites-256 16] [--sites-1080 2]
+
+Results are printed as a Markdown table and written to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "plugins"))
+
+from cpjump1 import cellprofiler as cp  # noqa: E402
+from cpjump1 import storage  # noqa: E402
+from cpjump1.settings import get_settings  # noqa: E402
+
+BATCH = "2020_11_04_CPJUMP1"
+JUMP_SITE = REPO.parent / "shared" / "cpjump1" / "external" / "pe2loaddata_testdata" / "Version1"
+_LINE = re.compile(r"Image # (\d+), module (\S+) # \d+: CPU_time = ([0-9.]+) secs, Wall_time = ([0-9.]+) secs")
+
+
+def module_seconds(log_text: str) -> tuple[float, float, int]:
+    """Sum of per-module wall and CPU seconds, and the number of image sets, from a CellProfiler log."""
+    wall = cpu = 0.0
+    sets = set()
+    for m in _LINE.finditer(log_text):
+        sets.add(int(m.group(1)))
+        cpu += float(m.group(3))
+        wall += float(m.group(4))
+    return wall, cpu, len(sets)
+
+
+def make_plate(root: Path, plate: str, wells: int, sites: int, size: int, shards: int):
+    from cpjump1.load_data import run_load_data
+    from cpjump1.synthetic import run_synthesize
+
+    s = get_settings(storage_root=str(root / "data"))
+    run_synthesize(BATCH, plate, s, wells=wells, sites=sites, size=size, seed=7, progress=False)
+    run_load_data(BATCH, plate, s, shards=shards)
+    return s
+
+
+def direct_cellprofiler(s, plate: str, pipeline_name: str, csv_name: str, workdir: Path) -> dict:
+    """The baseline: CellProfiler run by hand on the plate's CSV (pipeline adapted to its channels)."""
+    layout = storage.Layout(s.storage_root)
+    csv_path = Path(layout.load_data_dir(BATCH, plate)) / csv_name
+    table = pd.read_csv(csv_path, dtype=str)
+    pipe = workdir / f"{pipeline_name}.cppipe"
+    pipe.write_text(cp.pipeline_text(pipeline_name, cp.channels_of(table.columns), s))
+    out = workdir / f"direct-{pipeline_name}"
+    cmd = [s.cellprofiler_python, "-m", "cellprofiler", "-c", "-r", "-p", str(pipe), "--data-file", str(csv_path), "-o", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAVA_TOOL_OPTIONS=cp.JAVA_HEAP))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"direct CellProfiler failed:\n{proc.stderr[-3000:]}")
+    mod_wall, mod_cpu, n = module_seconds(proc.stderr)
+    return {"wall": wall, "module_wall": mod_wall, "module_cpu": mod_cpu, "sites": n}
+
+
+def per_site_case(tmp: Path, label: str, size: int, sites: int) -> dict:
+    plate = f"BENCH{size}"
+    s = make_plate(tmp / label, plate, wells=1, sites=sites, size=size, shards=1)
+    cp.run_illum(BATCH, plate, s, progress=False)
+    d = direct_cellprofiler(s, plate, "analysis", cp.LOAD_DATA_WITH_ILLUM_CSV, tmp / label)
+    return {
+        "case": label, "channels": 8, "size": size, "sites": d["sites"],
+        "cp_wall_s": d["wall"], "module_wall_per_site_s": d["module_wall"] / d["sites"],
+        "module_cpu_per_site_s": d["module_cpu"] / d["sites"], "startup_s": d["wall"] - d["module_wall"],
+        "wall_per_site_s": d["wall"] / d["sites"],
+    }
+
+
+def jump_site_case(tmp: Path) -> dict | None:
+    if not JUMP_SITE.is_dir():
+        return None
+    s = get_settings(storage_root=str(tmp / "jump" / "data"))
+    plate, batch = "BR00121482", "jump"
+    layout = storage.Layout(s.storage_root)
+    folder = Path(layout.load_data_dir(batch, plate))
+    folder.mkdir(parents=True)
+    table = pd.read_csv(JUMP_SITE / "load_data_version1.csv", dtype=str)
+    for col in [c for c in table.columns if c.startswith("PathName_Orig")]:
+        table[col] = str(JUMP_SITE / "images")
+    table.to_csv(folder / cp.LOAD_DATA_CSV, index=False)
+    for ch in cp.channels_of(table.columns):
+        table[f"FileName_Illum{ch}"] = f"{plate}_Illum{ch}.npy"
+        table[f"PathName_Illum{ch}"] = layout.illum_dir(batch, plate)
+    table.to_csv(folder / cp.LOAD_DATA_WITH_ILLUM_CSV, index=False)
+    cp.run_illum(batch, plate, s, progress=False)
+    res = cp.run_analysis(batch, plate, 0, s, progress=False, validate=False)
+    log_text = Path(res.files[cp.LOG_NAME]).read_text()
+    mod_wall, mod_cpu, n = module_seconds(log_text)
+    counts = res.counts
+    return {
+        "case": "real JUMP site (6 ch, near-empty field)", "channels": 6, "size": 1080, "sites": n,
+        "cp_wall_s": res.seconds["cellprofiler"], "module_wall_per_site_s": mod_wall / n,
+        "module_cpu_per_site_s": mod_cpu / n, "startup_s": res.seconds["cellprofiler"] - mod_wall,
+        "wall_per_site_s": res.seconds["cellprofiler"] / n, "objects": counts.get("Nuclei"),
+    }
+
+
+def overhead_case(tmp: Path, wells: int, sites: int, shards: int) -> dict:
+    plate = "BENCHOVH"
+    s = make_plate(tmp / "ovh", plate, wells=wells, sites=sites, size=256, shards=shards)
+    illum = cp.run_illum(BATCH, plate, s, progress=False)
+    direct = direct_cellprofiler(s, plate, "analysis", cp.LOAD_DATA_WITH_ILLUM_CSV, tmp / "ovh")
+    parts: dict[str, float] = {}
+    stage_wall = 0.0
+    cp_wall = 0.0
+    results = []
+    for i in range(shards):
+        t0 = time.perf_counter()
+        res = cp.run_analysis(BATCH, plate, i, s, progress=False)
+        stage_wall += time.perf_counter() - t0
+        cp_wall += res.seconds["cellprofiler"]
+        for k, v in res.seconds.items():
+            parts[k] = parts.get(k, 0.0) + v
+        results.append(res)
+    t0 = time.perf_counter()
+    skipped = [cp.run_analysis(BATCH, plate, i, s, progress=False).skipped for i in range(shards)]
+    rerun = time.perf_counter() - t0
+    validation = parts.get("validation", 0.0)
+    plumbing = stage_wall - cp_wall - validation
+    return {
+        "sites": wells * sites, "shards": shards, "illum_wall_s": illum.seconds.get("total"),
+        "direct_cp_wall_s": direct["wall"], "stage_wall_s": stage_wall, "stage_cp_wall_s": cp_wall,
+        "overhead_s": plumbing, "overhead_ratio": plumbing / cp_wall,
+        "validation_s": validation, "validation_ratio": validation / cp_wall,
+        "stage_vs_direct": stage_wall / direct["wall"],
+        "parts_s": {k: round(v, 3) for k, v in parts.items()},
+        "rerun_all_skipped": all(skipped), "rerun_s": rerun,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites-256", type=int, default=4, help="sites for the 256 px per-site case")
+    ap.add_argument("--sites-1080", type=int, default=2, help="sites for the 1080 px per-site case")
+    ap.add_argument("--ovh-wells", type=int, default=4)
+    ap.add_argument("--ovh-sites", type=int, default=4, help="sites per well in the overhead case (wells x sites >= 16)")
+    ap.add_argument("--ovh-shards", type=int, default=2)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["256", "1080", "jump", "overhead"])
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_cellprofiler.json"))
+    args = ap.parse_args(argv)
+    for k in [k for k in os.environ if k.startswith("CPJUMP1_")]:
+        del os.environ[k]
+    load = os.getloadavg()
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "command": "uv run --frozen --no-sync python benchmarks/bench_cellprofiler.py " + " ".join(argv or sys.argv[1:]),
+    }
+    rows = []
+    overhead = None
+    with tempfile.TemporaryDirectory(prefix="bench-cp-") as tmp:
+        tmp = Path(tmp)
+        os.chdir(tmp)
+        if "256" not in args.skip:
+            rows.append(per_site_case(tmp, "synthetic 256 px", 256, args.sites_256))
+        if "1080" not in args.skip:
+            rows.append(per_site_case(tmp, "synthetic 1080 px", 1080, args.sites_1080))
+        if "jump" not in args.skip:
+            r = jump_site_case(tmp)
+            if r:
+                rows.append(r)
+        if "overhead" not in args.skip:
+            overhead = overhead_case(tmp, args.ovh_wells, args.ovh_sites, args.ovh_shards)
+    info["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {**info, "per_site": rows, "overhead": overhead}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"# CellProfiler stage benchmark — {info['date']}, {info['machine']}, load {info['loadavg_at_start']}\n")
+    if rows:
+        print("| case | sites | CellProfiler wall per site (s) | module wall per site (s) | module CPU per site (s) | start-up per call (s) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['case']} | {r['sites']} | {r['wall_per_site_s']:.1f} | {r['module_wall_per_site_s']:.1f} | "
+                  f"{r['module_cpu_per_site_s']:.1f} | {r['startup_s']:.1f} |")
+    if overhead:
+        o = overhead
+        print(f"\nOverhead on {o['sites']} sites in {o['shards']} shards: stage {o['stage_wall_s']:.1f} s, of which "
+              f"CellProfiler {o['stage_cp_wall_s']:.1f} s; plumbing {o['overhead_s']:.2f} s = "
+              f"{100 * o['overhead_ratio']:.2f} % of CellProfiler; single_cell suite {o['validation_s']:.1f} s = "
+              f"{100 * o['validation_ratio']:.2f} %; direct CellProfiler (one call, all sites) {o['direct_cp_wall_s']:.1f} s; "
+              f"stage/direct = {o['stage_vs_direct']:.3f}; rerun skipped all: {o['rerun_all_skipped']} in {o['rerun_s']:.2f} s")
+        print(f"parts: {o['parts_s']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
