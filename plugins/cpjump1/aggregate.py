@@ -1,0 +1,808 @@
+"""Aggregate stage: CellProfiler single-cell tables → one single-cell Parquet → well medians.
+
+Method
+------
+Each analysis shard (``Layout.analysis_dir(batch, plate)/<shard>/`` holding a completion
+marker ``_COMPLETE.json``) contains CellProfiler ``ExportToSpreadsheet`` tables without
+prefixes: ``Image.csv``, ``Nuclei.csv``, ``Cells.csv``, ``Cytoplasm.csv``. Objects are joined
+the way cytominer-database / pycytominer's ``SingleCells`` join them: the cytoplasm is the
+anchor, its ``Parent_Cells`` and ``Parent_Nuclei`` point at the cell and nucleus of the same
+image (``ImageNumber``). Keys are *shard + ImageNumber* so that image numbers need not be unique
+across shards. Every non-key column of an object table becomes a feature named
+``<Compartment>_<column>`` (``Cells_AreaShape_Area``, ``Cytoplasm_Parent_Cells``, …), which is
+the naming pycytominer and the seed's profiles use (pycytominer's blocklist later removes
+bookkeeping columns such as ``Cells_Number_Object_Number``).
+
+The single cells of the plate are written to ``Layout.single_cell_file(batch, plate)``
+(Parquet, sorted by well, site, image and object; a row group never spans two wells, and the
+file's key-value metadata maps every well to its row groups). Well-level profiles are the
+per-feature **median** over the cells of a well (pycytominer ``aggregate(operation="median")``,
+NaN skipped), computed well by well and a few hundred features at a time, so peak memory
+depends on the size of one well, not on the number of cells in the plate.
+
+The joins run in DuckDB one shard at a time (bounded by ``memory_limit``; DuckDB spills),
+shard outputs are merged by well with a k-way merge over the shards' record batches.
+
+Outputs (all written atomically, skipped on rerun when the fingerprint marker matches)::
+
+    workspace/backend/<batch>/<plate>/<plate>.parquet      single cells
+    profiles/<batch>/<plate>/<plate>.csv.gz                well medians, float format %.5g
+    profiles/<batch>/<plate>/<plate>.parquet               the same numbers as read back from the CSV
+
+The well-level file has ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Count_Cells``
+(sum of the Image table's ``Count_Cells`` over the well's sites, or the number of joined cells
+when the Image table has no count), ``Metadata_Count_Nuclei``, ``Metadata_Count_Cytoplasm``,
+``Metadata_Site_Count`` and ``Metadata_Object_Count`` (joined single cells), then the
+``Cells_``/``Cytoplasm_``/``Nuclei_`` feature medians.
+
+Synthetic input (:func:`write_synthetic_shards`, :func:`write_synthetic_single_cells`) makes
+tables of the same shape for the tests and the benchmark, generated in chunks.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cpjump1 import storage
+from cpjump1.errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+#: CellProfiler object tables and the compartment prefix of their features.
+COMPARTMENTS = ("Cells", "Cytoplasm", "Nuclei")
+IMAGE_TABLE = "Image"
+TABLE_FILES = {name: f"{name}.csv" for name in (IMAGE_TABLE, *COMPARTMENTS)}
+#: Columns every object table must have.
+OBJECT_KEYS = ("ImageNumber", "ObjectNumber", "Metadata_Plate", "Metadata_Well", "Metadata_Site")
+IMAGE_KEYS = ("ImageNumber", "Metadata_Plate", "Metadata_Well", "Metadata_Site")
+#: Relationship columns (besides the keys) each object table must have.
+PARENTS = {"Cells": ("Parent_Nuclei",), "Cytoplasm": ("Parent_Cells", "Parent_Nuclei"), "Nuclei": ()}
+#: Image-table counts carried into the well profile as metadata.
+IMAGE_COUNTS = ("Count_Cells", "Count_Nuclei", "Count_Cytoplasm")
+#: Metadata columns of the single-cell file, in order.
+SINGLE_CELL_METADATA = (
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Site",
+    "Metadata_Shard",
+    "Metadata_ImageNumber",
+    "Metadata_ObjectNumber",
+)
+#: Metadata columns of the well-level profile, in order.
+WELL_METADATA = (
+    "Metadata_Plate",
+    "Metadata_Well",
+    "Metadata_Count_Cells",
+    "Metadata_Count_Nuclei",
+    "Metadata_Count_Cytoplasm",
+    "Metadata_Site_Count",
+    "Metadata_Object_Count",
+)
+WELLS_KEY = b"cpjump1.wells"
+FEATURES_PER_CHUNK = 384
+VERSION = "aggregate-1"
+
+
+def is_feature(column: str) -> bool:
+    """pycytominer's feature inference: a column of one of the three compartments."""
+    return column.split("_", 1)[0] in COMPARTMENTS and "_" in column
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@dataclass
+class Shard:
+    name: str
+    url: str
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def list_shards(batch: str, plate: str, settings: Any) -> list[Shard]:
+    """The complete shards (with ``_COMPLETE.json``) of a plate, sorted by name.
+
+    Raises :class:`InputDataError` naming the plate and folder when there is none, and naming
+    the file when a complete shard lacks one of its four tables.
+    """
+    folder = storage.Layout(settings.storage_root).analysis_dir(batch, plate)
+    entries = sorted(storage.listdir(folder, settings))
+    shards = []
+    for entry in entries:
+        name = storage.basename(entry)
+        if name.startswith(".") or name.startswith("_"):
+            continue
+        if storage.read_marker(entry, settings) is None:
+            log.warning("plate %s: shard %s has no %s yet; skipped", plate, entry, storage.MARKER_NAME)
+            continue
+        shard = Shard(name=name, url=entry)
+        for table, fname in TABLE_FILES.items():
+            url = storage.join(entry, fname)
+            if not storage.exists(url, settings):
+                raise InputDataError(
+                    f"plate {batch}/{plate}: shard {name} is marked complete but its {table} table "
+                    f"{url} is missing"
+                )
+            shard.files[table] = url
+        shards.append(shard)
+    if not shards:
+        raise InputDataError(
+            f"plate {batch}/{plate}: no complete analysis shard (folder with {storage.MARKER_NAME}) under {folder}"
+        )
+    return shards
+
+
+def _read_header(url: str, settings: Any) -> list[str]:
+    with storage.open_file(url, "rb", settings) as fh:
+        line = fh.readline().decode("utf-8-sig")
+    if not line.strip():
+        raise InputDataError(f"{url}: empty table, expected a CellProfiler header line")
+    return next(csv.reader([line]))
+
+
+def _check_columns(url: str, header: list[str], required: Iterable[str], plate: str) -> None:
+    missing = [c for c in required if c not in header]
+    if missing:
+        close = {}
+        for m in missing:
+            import difflib
+
+            near = difflib.get_close_matches(m, header, n=1)
+            if near:
+                close[m] = near[0]
+        hint = "".join(f"; found {v!r} (misspelled {k!r}?)" for k, v in close.items())
+        raise InputDataError(f"plate {plate}: {url}: missing column(s) {', '.join(missing)}{hint}")
+    dup = sorted({c for c in header if header.count(c) > 1})
+    if dup:
+        raise InputDataError(f"plate {plate}: {url}: duplicate column(s) {', '.join(dup)}")
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class _LocalCopies:
+    """Local paths of shard tables (downloads remote ones to a scratch folder)."""
+
+    def __init__(self, settings: Any):
+        self.settings = settings
+        self.tmp = Path(tempfile.mkdtemp(prefix="cpjump1-aggregate-"))
+
+    def path(self, url: str) -> str:
+        if not storage.is_remote(url):
+            return str(Path(url.removeprefix("file://")))
+        local = self.tmp / url.replace("://", "_").replace("/", "_")
+        if not local.exists():
+            storage.get_file(url, local, self.settings)
+        return str(local)
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class ShardSchema:
+    features: dict[str, list[str]]  # compartment -> raw column names (features)
+    image_counts: list[str]
+
+
+def shard_schema(shard: Shard, plate: str, settings: Any) -> ShardSchema:
+    """Check the shard's headers and list its feature columns per compartment."""
+    features: dict[str, list[str]] = {}
+    for comp in COMPARTMENTS:
+        url = shard.files[comp]
+        header = _read_header(url, settings)
+        _check_columns(url, header, OBJECT_KEYS + PARENTS[comp], plate)
+        features[comp] = [c for c in header if c not in ("ImageNumber", "ObjectNumber") and not c.startswith("Metadata_")]
+    url = shard.files[IMAGE_TABLE]
+    header = _read_header(url, settings)
+    _check_columns(url, header, IMAGE_KEYS, plate)
+    return ShardSchema(features=features, image_counts=[c for c in IMAGE_COUNTS if c in header])
+
+
+def _shard_query(shard: Shard, schema: ShardSchema, paths: dict[str, str]) -> str:
+    def reader(comp: str, keys: tuple[str, ...]) -> str:
+        cols = {k: "BIGINT" for k in keys if k not in ("Metadata_Plate", "Metadata_Well")}
+        cols.update({"Metadata_Plate": "VARCHAR", "Metadata_Well": "VARCHAR"})
+        types = ", ".join(f"{_sql_str(k)}: {_sql_str(v)}" for k, v in cols.items())
+        return (
+            f"read_csv({_sql_str(paths[comp])}, header=true, auto_detect=true, sample_size=1024, "
+            f"types={{{types}}}, nullstr=['', 'nan', 'NaN'])"
+        )
+
+    select = [
+        "cy.Metadata_Plate AS Metadata_Plate",
+        "cy.Metadata_Well AS Metadata_Well",
+        "cy.Metadata_Site AS Metadata_Site",
+        f"{_sql_str(shard.name)} AS Metadata_Shard",
+        "cy.ImageNumber AS Metadata_ImageNumber",
+        "cy.ObjectNumber AS Metadata_ObjectNumber",
+    ]
+    alias = {"Cells": "ce", "Cytoplasm": "cy", "Nuclei": "nu"}
+    for comp in COMPARTMENTS:
+        for col in schema.features[comp]:
+            select.append(f"TRY_CAST({alias[comp]}.{_ident(col)} AS DOUBLE) AS {_ident(f'{comp}_{col}')}")
+    keys = {c: OBJECT_KEYS + PARENTS[c] for c in COMPARTMENTS}
+    return (
+        f"SELECT {', '.join(select)} FROM {reader('Cytoplasm', keys['Cytoplasm'])} cy "
+        f"JOIN {reader('Cells', keys['Cells'])} ce ON ce.ImageNumber = cy.ImageNumber AND ce.ObjectNumber = cy.Parent_Cells "
+        f"JOIN {reader('Nuclei', keys['Nuclei'])} nu ON nu.ImageNumber = cy.ImageNumber AND nu.ObjectNumber = cy.Parent_Nuclei "
+        "ORDER BY Metadata_Well, Metadata_Site, Metadata_ImageNumber, Metadata_ObjectNumber"
+    )
+
+
+def _connect(threads: int | None = None, memory_limit: str = "1GB"):
+    import duckdb
+
+    con = duckdb.connect(config={"memory_limit": memory_limit, "preserve_insertion_order": False})
+    if threads:
+        con.execute(f"SET threads={int(threads)}")
+    tmp = Path(tempfile.gettempdir()) / "cpjump1-duckdb"
+    tmp.mkdir(exist_ok=True)
+    con.execute(f"SET temp_directory={_sql_str(str(tmp))}")
+    return con
+
+
+def _image_counts(con, shard: Shard, schema: ShardSchema, path: str) -> pd.DataFrame:
+    counts = ", ".join(f"TRY_CAST({_ident(c)} AS DOUBLE) AS {_ident(c)}" for c in schema.image_counts)
+    sql = (
+        f"SELECT Metadata_Plate, Metadata_Well, CAST(Metadata_Site AS BIGINT) AS Metadata_Site, "
+        f"CAST(ImageNumber AS BIGINT) AS ImageNumber{', ' + counts if counts else ''} "
+        f"FROM read_csv({_sql_str(path)}, header=true, auto_detect=true, types={{'Metadata_Plate': 'VARCHAR', 'Metadata_Well': 'VARCHAR'}})"
+    )
+    return con.execute(sql).df()
+
+
+# --------------------------------------------------------------------------- single cells
+
+
+def _batches_by_well(path: Path) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """(well, batch) pairs of a well-sorted Parquet file, batches split at well changes."""
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=8192):
+        wells = batch.column("Metadata_Well").to_numpy(zero_copy_only=False)
+        if len(wells) == 0:
+            continue
+        cuts = np.flatnonzero(wells[1:] != wells[:-1]) + 1
+        start = 0
+        for end in [*cuts.tolist(), len(wells)]:
+            yield str(wells[start]), batch.slice(start, end - start)
+            start = end
+
+
+def build_single_cells(
+    batch: str,
+    plate: str,
+    settings: Any,
+    out_path: Path,
+    threads: int | None = None,
+    memory_limit: str = "1GB",
+) -> dict[str, Any]:
+    """Join every complete shard's tables and write the plate's single cells to ``out_path``.
+
+    Returns a summary (shards, cells, features, per-well image counts). Raises
+    :class:`InputDataError` naming the plate and the file for missing tables or columns, a
+    plate barcode that differs from ``plate``, or shards whose feature columns differ.
+    """
+    shards = list_shards(batch, plate, settings)
+    schemas = [shard_schema(s, plate, settings) for s in shards]
+    ref = schemas[0]
+    for shard, sch in zip(shards[1:], schemas[1:], strict=True):
+        for comp in COMPARTMENTS:
+            if sch.features[comp] != ref.features[comp]:
+                extra = sorted(set(sch.features[comp]) ^ set(ref.features[comp]))[:5]
+                raise InputDataError(
+                    f"plate {batch}/{plate}: {shard.files[comp]} has other {comp} columns than "
+                    f"{shards[0].files[comp]} (differing: {', '.join(extra) or 'order'})"
+                )
+    copies = _LocalCopies(settings)
+    con = _connect(threads, memory_limit)
+    scratch = Path(tempfile.mkdtemp(prefix="cpjump1-shards-", dir=out_path.parent))
+    image_frames = []
+    shard_files = []
+    try:
+        from tqdm.auto import tqdm
+
+        for shard, sch in tqdm(list(zip(shards, schemas)), desc=f"{plate} shards", unit="shard", disable=None):
+            paths = {t: copies.path(u) for t, u in shard.files.items()}
+            images = _image_counts(con, shard, sch, paths[IMAGE_TABLE])
+            bad = sorted(set(images.Metadata_Plate.astype(str)) - {plate})
+            if bad:
+                raise InputDataError(
+                    f"plate {batch}/{plate}: {shard.files[IMAGE_TABLE]} holds images of plate(s) {', '.join(bad)}"
+                )
+            images["Metadata_Shard"] = shard.name
+            image_frames.append(images)
+            target = scratch / f"{shard.name}.parquet"
+            try:
+                con.execute(
+                    f"COPY ({_shard_query(shard, sch, paths)}) TO {_sql_str(str(target))} "
+                    "(FORMAT parquet, COMPRESSION snappy, ROW_GROUP_SIZE 16384)"
+                )
+            except Exception as exc:  # duckdb conversion / parse errors name the file themselves
+                raise InputDataError(f"plate {batch}/{plate}: shard {shard.name} ({shard.url}): {exc}") from exc
+            shard_files.append(target)
+        images = pd.concat(image_frames, ignore_index=True)
+        n_cells, well_groups, schema = _merge_by_well(shard_files, out_path, plate)
+    finally:
+        con.close()
+        copies.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    features = [f for f in schema.names if is_feature(f)]
+    return {"shards": [s.name for s in shards], "cells": n_cells, "features": len(features), "images": images, "wells": well_groups}
+
+
+def _merge_by_well(shard_files: list[Path], out_path: Path, plate: str) -> tuple[int, dict[str, list[int]], pa.Schema]:
+    """k-way merge of well-sorted shard files into one file whose row groups never span wells."""
+    schema = pq.read_schema(shard_files[0])
+    iters = [_batches_by_well(p) for p in shard_files]
+    heap: list[tuple[str, int, pa.RecordBatch]] = []
+    for i, it in enumerate(iters):
+        first = next(it, None)
+        if first is not None:
+            heap.append((first[0], i, first[1]))
+    heapq.heapify(heap)
+    well_groups: dict[str, list[int]] = {}
+    n_cells = 0
+    group = 0
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    current: str | None = None
+
+    def flush(writer):
+        nonlocal pending, pending_rows, group
+        if pending:
+            table = pa.Table.from_batches(pending, schema=schema)
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+            well_groups.setdefault(current, []).append(group)
+            group += 1
+            pending, pending_rows = [], 0
+
+    with pq.ParquetWriter(out_path, schema, compression="snappy") as writer:
+        while heap:
+            well, i, rb = heapq.heappop(heap)
+            if well != current:
+                flush(writer)
+                current = well
+            pending.append(rb.cast(schema) if rb.schema != schema else rb)
+            pending_rows += rb.num_rows
+            n_cells += rb.num_rows
+            if pending_rows >= 65536:
+                flush(writer)
+            nxt = next(iters[i], None)
+            if nxt is not None:
+                heapq.heappush(heap, (nxt[0], i, nxt[1]))
+        flush(writer)
+        writer.add_key_value_metadata({WELLS_KEY: json.dumps(well_groups).encode()})
+    if n_cells == 0:
+        raise InputDataError(f"plate {plate}: the analysis shards hold no cells (no cytoplasm joined to cells and nuclei)")
+    return n_cells, well_groups, schema
+
+
+def well_row_groups(pf: pq.ParquetFile) -> dict[str, list[int]]:
+    """Map well → row groups of a single-cell file (from its metadata, or its statistics)."""
+    meta = pf.schema_arrow.metadata or {}
+    if WELLS_KEY in meta:
+        return json.loads(meta[WELLS_KEY])
+    idx = pf.schema_arrow.get_field_index("Metadata_Well")
+    out: dict[str, list[int]] = {}
+    for g in range(pf.num_row_groups):
+        st = pf.metadata.row_group(g).column(idx).statistics
+        if st is None or st.min != st.max:
+            raise InputDataError(f"{pf}: row group {g} is not one well; rebuild the single-cell file")
+        out.setdefault(str(st.min), []).append(g)
+    return out
+
+
+# --------------------------------------------------------------------------- medians
+
+
+def well_medians(path: str | Path, features_per_chunk: int = FEATURES_PER_CHUNK, progress: bool = True) -> pd.DataFrame:
+    """Per-well feature medians of a single-cell Parquet file, streamed well by well.
+
+    Equals ``pycytominer.aggregate(cells, strata=["Metadata_Plate", "Metadata_Well"],
+    operation="median")`` (NaN skipped; the mean of the two middle values for even counts),
+    but reads one well and ``features_per_chunk`` features at a time, so memory does not grow
+    with the number of wells. Adds ``Metadata_Object_Count`` (cells) and ``Metadata_Site_Count``.
+    """
+    pf = pq.ParquetFile(path)
+    groups = well_row_groups(pf)
+    names = pf.schema_arrow.names
+    features = [c for c in names if is_feature(c)]
+    chunks = [features[i : i + features_per_chunk] for i in range(0, len(features), features_per_chunk)]
+    wells = sorted(groups)
+    out = np.full((len(wells), len(features)), np.nan)
+    meta = []
+    from tqdm.auto import tqdm
+
+    for w, well in enumerate(tqdm(wells, desc="well medians", unit="well", disable=None if progress else True)):
+        rgs = groups[well]
+        keys = pf.read_row_groups(rgs, columns=["Metadata_Plate", "Metadata_Site"])
+        plates = pc.unique(keys.column("Metadata_Plate")).to_pylist()
+        meta.append(
+            {
+                "Metadata_Plate": plates[0],
+                "Metadata_Well": well,
+                "Metadata_Site_Count": len(pc.unique(keys.column("Metadata_Site"))),
+                "Metadata_Object_Count": keys.num_rows,
+            }
+        )
+        start = 0
+        for cols in chunks:
+            block = pf.read_row_groups(rgs, columns=cols)
+            arr = np.column_stack([block.column(c).to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64, copy=False)
+            with np.errstate(all="ignore"):
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    out[w, start : start + len(cols)] = np.nanmedian(arr, axis=0)
+            start += len(cols)
+    frame = pd.concat([pd.DataFrame(meta), pd.DataFrame(out, columns=features)], axis=1)
+    return frame
+
+
+# --------------------------------------------------------------------------- profile I/O
+
+
+def format_csv(df: pd.DataFrame, float_format: str = "%.5g") -> str:
+    """CSV text identical to ``df.to_csv(index=False, float_format=float_format)``, faster.
+
+    Metadata columns go through pandas; the float feature block is formatted row by row with
+    one ``%`` operation per row (NaN → empty field, as pandas writes it).
+    """
+    cols = list(df.columns)
+    feats = [c for c in cols if is_feature(c) and df[c].dtype.kind == "f"]
+    n_meta = len(cols) - len(feats)
+    if not feats or cols[n_meta:] != feats:
+        return df.to_csv(index=False, float_format=float_format, lineterminator="\n")
+    meta = df.iloc[:, :n_meta]
+    header = io.StringIO()
+    csv.writer(header, lineterminator="\n").writerow(cols)
+    if n_meta:
+        meta_lines = meta.to_csv(index=False, header=False, float_format=float_format, lineterminator="\n").split("\n")[:-1]
+    else:
+        meta_lines = None
+    values = df[feats].to_numpy(dtype=np.float64)
+    fmt = ",".join([float_format] * len(feats))
+    out = [header.getvalue()]
+    for i, row in enumerate(values.tolist()):
+        line = (fmt % tuple(row)).replace("nan", "")
+        out.append((meta_lines[i] + "," + line) if meta_lines is not None else line)
+        out.append("\n")
+    return "".join(out)
+
+
+def write_profile(
+    df: pd.DataFrame,
+    csv_url: str,
+    settings: Any,
+    float_format: str = "%.5g",
+    validate=None,
+    compresslevel: int = 1,
+) -> pd.DataFrame:
+    """Write ``df`` as gzip CSV (``float_format``) plus its Parquet twin, atomically.
+
+    The returned frame, and the Parquet twin, hold exactly what ``pandas.read_csv`` gives for
+    the CSV (values rounded by the float format, pandas' type inference), so that a step
+    reading either file computes the same numbers. ``validate(frame)`` runs before anything is
+    moved into place; when it raises, no file is written.
+    """
+    import gzip
+
+    text = format_csv(df, float_format)
+    back = pd.read_csv(io.StringIO(text))
+    if validate is not None:
+        validate(back)
+    parquet_url = csv_url.removesuffix(".csv.gz") + ".parquet"
+    with storage.atomic_path(parquet_url, settings) as tmp:
+        back.to_parquet(tmp, index=False)
+        with storage.atomic_write(csv_url, settings, "wb") as fh:
+            fh.write(gzip.compress(text.encode("utf-8"), compresslevel=compresslevel, mtime=0))
+    return back
+
+
+def read_profile(csv_url: str, settings: Any) -> pd.DataFrame:
+    """A profile as ``pandas.read_csv`` gives it (from the Parquet twin when present)."""
+    parquet_url = csv_url.removesuffix(".csv.gz") + ".parquet"
+    try:
+        if storage.exists(parquet_url, settings):
+            with storage.open_file(parquet_url, "rb", settings) as fh:
+                df = pd.read_parquet(fh)
+            # pandas reads an empty CSV field as NaN; Parquet gives None for a missing string
+            for c in df.columns[df.dtypes == object]:
+                df[c] = df[c].astype(object).where(df[c].notna(), np.nan)
+            return df
+        with storage.open_file(csv_url, "rb", settings, compression="gzip") as fh:
+            return pd.read_csv(fh)
+    except FileNotFoundError:
+        raise InputDataError(f"profile {csv_url} not found") from None
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _fingerprint(shards: list[Shard], settings: Any) -> str:
+    stamps = []
+    for s in shards:
+        marker = storage.read_marker(s.url, settings) or {}
+        stamps.append((s.name, marker.get("fingerprint"), {t: storage.file_stamp(u, settings) for t, u in s.files.items()}))
+    return storage.fingerprint(VERSION, stamps)
+
+
+def _well_counts(images: pd.DataFrame) -> pd.DataFrame:
+    counts = [c for c in IMAGE_COUNTS if c in images.columns]
+    per_well = images.groupby("Metadata_Well")[counts].sum(min_count=1) if counts else pd.DataFrame()
+    per_well.columns = [f"Metadata_{c}" for c in per_well.columns]
+    return per_well
+
+
+def run_aggregate(batch: str, plate: str, settings: Any, force: bool = False, threads: int | None = None) -> dict[str, str]:
+    """Single cells and well medians of one plate (see the module docstring).
+
+    Returns the output URLs. Skips the work when the profiles folder's marker for this stage
+    matches the fingerprint of the complete shards (unless ``force``).
+    """
+    lay = storage.Layout(settings.storage_root)
+    shards = list_shards(batch, plate, settings)
+    fp = _fingerprint(shards, settings)
+    single = lay.single_cell_file(batch, plate)
+    profile = lay.profile_file(batch, plate)
+    outputs = {"single_cells": single, "profile": profile, "profile_parquet": lay.profile_file(batch, plate, ext=".parquet")}
+    marker_dir = storage.join(lay.backend_dir(batch, plate))
+    if not force and storage.marker_matches(marker_dir, fp, settings) and all(storage.exists(u, settings) for u in outputs.values()):
+        log.info("plate %s/%s: aggregate outputs are complete; skipped", batch, plate)
+        return outputs
+    t0 = time.time()
+    with storage.atomic_path(single, settings, suffix=".parquet") as tmp:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        info = build_single_cells(batch, plate, settings, tmp, threads=threads)
+        log.info("plate %s/%s: %d cells, %d features from %d shards", batch, plate, info["cells"], info["features"], len(info["shards"]))
+        medians = well_medians(tmp)
+        counts = _well_counts(info["images"])
+        medians = medians.join(counts, on="Metadata_Well")
+        if "Metadata_Count_Cells" not in medians:
+            medians["Metadata_Count_Cells"] = medians["Metadata_Object_Count"]
+        for c in WELL_METADATA:
+            if c not in medians:
+                medians[c] = np.nan
+        features = [c for c in medians.columns if is_feature(c)]
+        empty = [c for c in features if medians[c].isna().all()]
+        if empty:
+            files = sorted({s.files[c.split("_", 1)[0]] for s in shards for c in empty[:3]})
+            raise InputDataError(
+                f"plate {batch}/{plate}: feature(s) {', '.join(empty[:10])} have no value in any cell "
+                f"(all NaN) in {', '.join(files[:3])}"
+            )
+        medians = medians[list(WELL_METADATA) + features]
+        write_profile(medians, profile, settings)
+    storage.write_marker(marker_dir, fp, settings, stage="aggregate", cells=info["cells"], shards=info["shards"], seconds=round(time.time() - t0, 1))
+    return outputs
+
+
+@click.command("aggregate")
+@click.option("--batch", required=True, help="Batch name, e.g. 2020_11_04_CPJUMP1.")
+@click.option("--plate", required=True, help="Plate barcode.")
+@click.option("--storage-root", default=None, help="Override CPJUMP1_STORAGE_ROOT.")
+@click.option("--threads", type=int, default=None, help="DuckDB threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Recompute even when the outputs are complete.")
+def command(batch: str, plate: str, storage_root: str | None, threads: int | None, force: bool) -> None:
+    """Join a plate's CellProfiler shards into single cells and well medians (<plate>.csv.gz)."""
+    from cpjump1.settings import get_settings
+
+    settings = get_settings(storage_root=storage_root)
+    out = run_aggregate(batch, plate, settings, force=force, threads=threads)
+    for k, v in out.items():
+        click.echo(f"{k}: {v}")
+
+
+# --------------------------------------------------------------------------- synthetic input
+
+CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
+CATEGORIES = ("Intensity_MeanIntensity", "Texture_Contrast", "Granularity", "RadialDistribution_FracAtD", "Correlation_Pearson", "AreaShape_Zernike")
+
+
+def synthetic_feature_names(n_features: int) -> dict[str, list[str]]:
+    """Raw (unprefixed) CellProfiler-like feature names per compartment, ``n_features`` in all."""
+    per = [n_features // 3 + (1 if i < n_features % 3 else 0) for i in range(3)]
+    out = {}
+    for comp, n in zip(COMPARTMENTS, per, strict=True):
+        names = ["AreaShape_Area"] + [
+            f"{CATEGORIES[j % len(CATEGORIES)]}_{j // len(CATEGORIES)}_{CHANNELS[j % len(CHANNELS)]}" for j in range(1, n)
+        ]
+        out[comp] = names[:n]
+    return out
+
+
+def _well_effects(wells: list[str], n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 1, size=n)
+    scale = np.exp(rng.normal(0, 1, size=n))
+    effects = rng.normal(0, 0.3, size=(len(wells), n))
+    return base, scale, effects
+
+
+def synthetic_cells(well_index: int, n_cells: int, effects, seed: int, dtype=np.float64) -> np.ndarray:
+    """``n_cells`` × features values of one well: a well effect plus cell-to-cell noise."""
+    base, scale, eff = effects
+    rng = np.random.default_rng([seed, well_index])
+    x = rng.standard_normal((n_cells, len(base)), dtype=np.float32 if dtype == np.float32 else np.float64)
+    x += (base + eff[well_index]).astype(x.dtype)
+    x *= scale.astype(x.dtype)
+    return x.astype(dtype, copy=False)
+
+
+def write_synthetic_shards(
+    analysis_dir: str | Path,
+    plate: str,
+    wells: list[str],
+    sites: int = 2,
+    cells_per_site: int = 5,
+    n_features: int = 30,
+    shards: int = 2,
+    seed: int = 0,
+    global_image_numbers: bool = True,
+    settings: Any = None,
+) -> dict[str, list[str]]:
+    """Write CellProfiler-shaped shard tables (Image, Nuclei, Cells, Cytoplasm CSV) with markers.
+
+    Sites are split into ``shards`` contiguous ranges like CellProfiler ``-f/-l`` runs. Each
+    cell has one nucleus and one cytoplasm (object numbers are shuffled between tables to test
+    the joins). Returns the raw feature names per compartment.
+    """
+    names = synthetic_feature_names(n_features)
+    per_comp = {c: len(v) for c, v in names.items()}
+    total = sum(per_comp.values())
+    effects = _well_effects(wells, total, seed)
+    images = [(w, s) for w in wells for s in range(1, sites + 1)]
+    bounds = np.linspace(0, len(images), shards + 1).astype(int)
+    rng = np.random.default_rng(seed + 1)
+    for k in range(shards):
+        folder = Path(analysis_dir) / f"shard-{k:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {t: open(folder / f"{t}.csv", "w", newline="") for t in TABLE_FILES}
+        try:
+            w_img = csv.writer(files[IMAGE_TABLE])
+            w_img.writerow(["ImageNumber", "Metadata_Plate", "Metadata_Well", "Metadata_Site", *IMAGE_COUNTS])
+            writers = {c: csv.writer(files[c]) for c in COMPARTMENTS}
+            writers["Nuclei"].writerow([*OBJECT_KEYS, "Number_Object_Number", *names["Nuclei"]])
+            writers["Cells"].writerow([*OBJECT_KEYS, "Parent_Nuclei", *names["Cells"]])
+            writers["Cytoplasm"].writerow([*OBJECT_KEYS, "Parent_Cells", "Parent_Nuclei", *names["Cytoplasm"]])
+            for i in range(bounds[k], bounds[k + 1]):
+                well, site = images[i]
+                image_number = i + 1 if global_image_numbers else i - bounds[k] + 1
+                w_index = wells.index(well)
+                x = synthetic_cells(w_index, cells_per_site, effects, seed + site)
+                n = cells_per_site
+                w_img.writerow([image_number, plate, well, site, n, n, n])
+                nuc = rng.permutation(n) + 1
+                cyt = rng.permutation(n) + 1
+                a, b = per_comp["Cells"], per_comp["Cells"] + per_comp["Cytoplasm"]
+                for j in range(n):  # cell j+1 has nucleus nuc[j] and cytoplasm cyt[j]
+                    writers["Cells"].writerow([image_number, j + 1, plate, well, site, int(nuc[j]), *map(repr, x[j, :a].tolist())])
+                order = np.argsort(nuc)
+                for j in order:
+                    writers["Nuclei"].writerow([image_number, int(nuc[j]), plate, well, site, int(nuc[j]), *map(repr, x[j, b:].tolist())])
+                for j in np.argsort(cyt):
+                    writers["Cytoplasm"].writerow([image_number, int(cyt[j]), plate, well, site, j + 1, int(nuc[j]), *map(repr, x[j, a:b].tolist())])
+        finally:
+            for fh in files.values():
+                fh.close()
+        storage.write_marker(str(folder), storage.fingerprint("synthetic", plate, k, seed), settings, shard=k)
+    return names
+
+
+def write_synthetic_single_cells(
+    path: str | Path,
+    plate: str,
+    wells: list[str],
+    sites: int = 9,
+    cells_per_site: int = 300,
+    n_features: int = 3000,
+    seed: int = 0,
+    dtype=np.float64,
+) -> dict[str, Any]:
+    """Write a single-cell Parquet file in this stage's layout directly, one well at a time.
+
+    Used by the benchmark to make a full-size plate (384 wells × 9 sites × 300 cells × 3000
+    features) without holding it in memory.
+    """
+    names = synthetic_feature_names(n_features)
+    cols = [f"{c}_{n}" for c in COMPARTMENTS for n in names[c]]
+    effects = _well_effects(wells, len(cols), seed)
+    pa_type = pa.float32() if dtype == np.float32 else pa.float64()
+    schema = pa.schema(
+        [
+            ("Metadata_Plate", pa.string()),
+            ("Metadata_Well", pa.string()),
+            ("Metadata_Site", pa.int64()),
+            ("Metadata_Shard", pa.string()),
+            ("Metadata_ImageNumber", pa.int64()),
+            ("Metadata_ObjectNumber", pa.int64()),
+            *[(c, pa_type) for c in cols],
+        ]
+    )
+    groups: dict[str, list[int]] = {}
+    n = sites * cells_per_site
+    from tqdm.auto import tqdm
+
+    with pq.ParquetWriter(path, schema, compression="snappy") as writer:
+        for w, well in enumerate(tqdm(wells, desc="synthetic cells", unit="well", disable=None)):
+            x = synthetic_cells(w, n, effects, seed, dtype=dtype)
+            site = np.repeat(np.arange(1, sites + 1), cells_per_site)
+            arrays = [
+                pa.array([plate] * n),
+                pa.array([well] * n),
+                pa.array(site),
+                pa.array(["shard-0000"] * n),
+                pa.array(w * sites + site),
+                pa.array(np.tile(np.arange(1, cells_per_site + 1), sites)),
+                *[pa.array(x[:, j]) for j in range(x.shape[1])],
+            ]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=n)
+            groups[well] = [w]
+            del x, arrays
+        writer.add_key_value_metadata({WELLS_KEY: json.dumps(groups).encode()})
+    return {"cells": n * len(wells), "features": len(cols)}
+
+
+def synthetic_well_profile(plate: str, wells: list[str] | None = None, n_features: int = 300, seed: int = 0) -> pd.DataFrame:
+    """A well-level profile in this stage's output layout (``<plate>.csv.gz`` columns), synthetic.
+
+    Features mix independent ones, near-copies of others (correlation > 0.9), nearly constant
+    ones (frequency threshold), a few with missing values (NA filter) and names from
+    pycytominer's blocklist, so every feature-selection operation has something to do.
+    """
+    from cpjump1.catalog import WELLS_384
+
+    wells = list(wells or WELLS_384)
+    rng = np.random.default_rng([seed, sum(map(ord, plate))])
+    names = [f"{c}_{n}" for c, ns in synthetic_feature_names(n_features).items() for n in ns]
+    block = ["Nuclei_Correlation_Manders_AGP_DNA", "Nuclei_Granularity_14_AGP", "Nuclei_Correlation_RWC_DNA_ER"]
+    names = names[: n_features - len(block)] + block
+    base = rng.normal(0, 1, size=len(names))
+    scale = np.exp(rng.normal(0, 1, size=len(names)))
+    x = base + rng.normal(0, 1, size=(len(wells), len(names)))
+    k = len(names)
+    for j in range(1, k // 10):  # near copies: feature 10j follows feature 10j-1
+        x[:, 10 * j] = x[:, 10 * j - 1] + rng.normal(0, 0.1, size=len(wells))
+    for j in range(5, k, 37):  # nearly constant features
+        x[:, j] = 1.0
+        x[rng.integers(0, len(wells), 3), j] = 2.0
+    for j in range(7, k, 53):  # features missing in 10 % of wells
+        x[rng.random(len(wells)) < 0.1, j] = np.nan
+    x = x * scale
+    counts = rng.integers(1500, 3500, size=len(wells))
+    meta = pd.DataFrame(
+        {
+            "Metadata_Plate": plate,
+            "Metadata_Well": wells,
+            "Metadata_Count_Cells": counts,
+            "Metadata_Count_Nuclei": counts,
+            "Metadata_Count_Cytoplasm": counts,
+            "Metadata_Site_Count": 9,
+            "Metadata_Object_Count": counts,
+        }
+    )
+    return pd.concat([meta, pd.DataFrame(x, columns=names)], axis=1)
