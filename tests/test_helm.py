@@ -227,14 +227,17 @@ def _accepted() -> list[dict]:
 
 
 def test_checkov_no_unaccepted_failures(helm, checkov, tmp_path, monkeypatch):
-    """checkov over both renders plus every stage pod cpjump1.deploy renders (scanned together
-    with the chart's NetworkPolicy, as in the cluster): every failed check is accepted with a
-    reason in helm/cpjump1/checkov-accepted.yaml."""
+    """checkov over both renders, every stage pod cpjump1.deploy renders and the pods/Jobs the
+    DAGs' operator factory builds (scanned together with the chart's NetworkPolicy, as in the
+    cluster): every failed check is accepted with a reason in helm/cpjump1/checkov-accepted.yaml."""
     for name, values in VALUES.items():
         text = _template(helm, values)
         (tmp_path / f"chart-{name}.yaml").write_text(text)
         settings = _settings_from(_by_kind(_docs(text))[("ConfigMap", deploy.SETTINGS_CONFIGMAP)], monkeypatch)
         (tmp_path / f"stage-pods-{name}.yaml").write_text(yaml.safe_dump_all(_stage_pods(settings)))
+    dag_pods = _render_dag_pods()
+    if not isinstance(dag_pods, str):  # the operator factory's pods, where Airflow is installed
+        (tmp_path / "dag-pods.yaml").write_text(yaml.safe_dump_all(list(dag_pods.values())))
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CKV_SKIP_PACKAGE_UPDATE_CHECK": "TRUE"}
     proc = subprocess.run(
         [checkov, "-d", str(tmp_path), "--framework", "kubernetes", "--skip-download", "--compact", "-o", "json"],
@@ -273,13 +276,17 @@ def test_checkov_no_unaccepted_failures(helm, checkov, tmp_path, monkeypatch):
         "CKV_K8S_40": "high UID",
         "CKV_K8S_11": "CPU limits",
         "CKV_K8S_13": "memory limits",
-        "CKV_K8S_15": "image pull policy Always",
         "CKV_K8S_21": "not the default namespace",
         "CKV2_K8S_6": "a NetworkPolicy selects the pod",
     }
-    for stage in deploy.STAGES:
-        resource = f"Pod.{NAMESPACE}.cpjump1-{stage.replace('_', '-')}"
-        missing = [f"{c} ({why})" for c, why in must_pass.items() if (c, resource) not in passed]
+    resources = [f"Pod.{NAMESPACE}.cpjump1-{stage.replace('_', '-')}" for stage in deploy.STAGES]
+    if not isinstance(dag_pods, str):
+        resources += [f"{m['kind']}.{NAMESPACE}.{m['metadata']['name']}" for m in dag_pods.values()]
+    for resource in resources:
+        # checkov's graph check CKV2_K8S_6 looks at Pods only; the Job template's labels are
+        # checked against the NetworkPolicy in test_dag_pods_use_chart_names.
+        checks = {c: w for c, w in must_pass.items() if resource.startswith("Pod.") or c != "CKV2_K8S_6"}
+        missing = [f"{c} ({why})" for c, why in checks.items() if (c, resource) not in passed]
         assert not missing, f"{resource}: {missing}"
 
 
@@ -428,41 +435,82 @@ def test_airflow_values_use_chart_names():
 # ---------------------------------------------------------------------------------------------
 
 
+_DAG_PODS: dict = {}
+
+
+def _render_dag_pods() -> dict[str, dict] | str:
+    """Manifests the kubernetes-mode operators of cpjump1.airflow.k8s build for one plate
+    (a Pod per task; the indexed Job of the sharded analysis task), rendered offline.
+    Returns the reason instead when they cannot be rendered here."""
+    if "result" in _DAG_PODS:
+        return _DAG_PODS["result"]
+    try:
+        import airflow.providers.cncf.kubernetes  # noqa: F401
+        from kubernetes.client import ApiClient
+
+        from cpjump1.airflow import k8s, stages
+    except ImportError as exc:
+        _DAG_PODS["result"] = f"the operator factory cannot be imported ({exc}); `airflow` extra missing?"
+        return _DAG_PODS["result"]
+    from unittest import mock
+
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("CPJUMP1_")}
+    with mock.patch.dict(os.environ, clean_env, clear=True):
+        out = _build_dag_pods(k8s, stages, ApiClient())
+    _DAG_PODS["result"] = out
+    return out
+
+
+def _build_dag_pods(k8s, stages, client) -> dict[str, dict]:
+    settings = get_settings(mode="kubernetes")
+    out: dict[str, dict] = {}
+    for task_id, task in stages.TASKS.items():
+        op = k8s.kubernetes_operator(task, batch="2020_11_04_CPJUMP1", plate="BR00117010", settings=settings)
+        if task.sharded:
+            op.hook._is_in_cluster = False  # no kube-config offline; building does not connect
+            obj = op.build_job_request_obj({})
+        else:
+            obj = op.build_pod_request_obj(dry_run=True)
+        manifest = client.sanitize_for_serialization(obj)
+        manifest["metadata"]["namespace"] = manifest["metadata"].get("namespace") or NAMESPACE
+        out[task_id] = manifest
+    return out
+
+
 @pytest.fixture(scope="module")
 def dag_pods() -> dict[str, dict]:
-    """V1Pod dicts of the kubernetes-mode operators for one task per stage, rendered offline."""
-    pytest.importorskip("airflow.providers.cncf.kubernetes", reason="the `airflow` extra is not installed")
-    try:
-        from cpjump1.airflow import k8s, stages
-    except ImportError as exc:  # pragma: no cover - the factory lives in another module
-        pytest.skip(f"cpjump1.airflow.k8s not importable: {exc}")
-    from kubernetes.client import ApiClient
-
-    settings = get_settings(mode="kubernetes")
-    client = ApiClient()
-    pods = {}
-    for task_id, task in stages.TASKS.items():
-        if task.sharded or task.deploy_stage in {p.get("stage") for p in pods.values()}:
-            continue
-        op = k8s.kubernetes_operator(task, batch="2020_11_04_CPJUMP1", plate="BR00117010", settings=settings)
-        pod = client.sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
-        pod["stage"] = task.deploy_stage
-        pods[task_id] = pod
+    pods = _render_dag_pods()
+    if isinstance(pods, str):
+        pytest.skip(pods)
     return pods
 
 
+def _pod_spec(manifest: dict) -> dict:
+    return manifest["spec"]["template"]["spec"] if manifest["kind"] == "Job" else manifest["spec"]
+
+
+def _pod_labels(manifest: dict) -> dict:
+    if manifest["kind"] == "Job":
+        return manifest["spec"]["template"]["metadata"]["labels"]
+    return manifest["metadata"]["labels"]
+
+
 def test_dag_pods_use_chart_names(dag_pods, rendered, kubernetes_validate):
-    assert dag_pods, "no pod rendered"
+    from cpjump1.airflow import stages
+
+    assert set(dag_pods) == set(stages.TASKS)
     docs = _by_kind(rendered["default"])
     configmaps = {name for kind, name in docs if kind == "ConfigMap"}
-    for task_id, pod in dag_pods.items():
-        pod = dict(pod)
-        stage = pod.pop("stage")
-        spec = pod["spec"]
+    policy = docs[("NetworkPolicy", deploy.NETWORK_POLICY)]["spec"]["podSelector"]["matchLabels"]
+    for task_id, manifest in dag_pods.items():
+        stage = stages.TASKS[task_id].deploy_stage
+        spec = _pod_spec(manifest)
         assert spec["serviceAccountName"] == docs[("ServiceAccount", deploy.SERVICE_ACCOUNT)]["metadata"]["name"]
+        assert spec["automountServiceAccountToken"] is False
         assert spec["securityContext"] == deploy.pod_security_context()
         container = next(c for c in spec["containers"] if c["name"] == "base")
         assert container["securityContext"] == deploy.container_security_context()
+        assert container["image"] == deploy.image(stage, get_settings())
         refs = {v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v}
         refs |= {e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e}
         assert refs <= configmaps, f"{task_id}: ConfigMaps the chart does not create: {refs - configmaps}"
@@ -478,15 +526,14 @@ def test_dag_pods_use_chart_names(dag_pods, rendered, kubernetes_validate):
             if any("/" in i["path"] for i in items):
                 assert by_name[cm_name].get("items") == items, f"{task_id}: {cm_name} flattens sub-folders"
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
-        assert {deploy.SCRATCH_MOUNT_PATH, deploy.PIPELINES_MOUNT_PATH, deploy.EXPECTATIONS_MOUNT_PATH} <= mounts
-        policy = docs[("NetworkPolicy", deploy.NETWORK_POLICY)]["spec"]["podSelector"]["matchLabels"]
-        assert pod["metadata"]["labels"].items() >= policy.items(), f"{task_id}: NetworkPolicy misses it"
+        assert {deploy.SCRATCH_MOUNT_PATH, deploy.TMP_MOUNT_PATH, deploy.PIPELINES_MOUNT_PATH,
+                deploy.EXPECTATIONS_MOUNT_PATH, deploy.S3_SECRET_MOUNT_PATH} <= mounts
+        assert _pod_labels(manifest).items() >= policy.items(), f"{task_id}: the NetworkPolicy misses it"
         if stage in deploy.GPU_STAGES:
             assert container["resources"]["limits"][deploy.GPU_RESOURCE] == "1"
             assert deploy.GPU_TOLERATION in spec["tolerations"]
-        pod["metadata"]["namespace"] = pod["metadata"].get("namespace") or NAMESPACE
         for version in (K8S_VERSIONS[0], K8S_VERSIONS[-1]):
-            kubernetes_validate.validate(pod, version, strict=True)
+            kubernetes_validate.validate(manifest, version, strict=True)
 
 
 # ---------------------------------------------------------------------------------------------

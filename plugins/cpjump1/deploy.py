@@ -59,8 +59,11 @@ S3_SECRET_VOLUME = "s3-credentials"
 S3_SECRET_MOUNT_PATH = "/etc/cpjump1/s3"
 #: botocore (and so s3fs) reads the credentials file named here.
 S3_CREDENTIALS_FILE = f"{S3_SECRET_MOUNT_PATH}/{S3_SECRET_KEY}"
-#: ``imagePullPolicy`` of stage containers: a moved tag is picked up, layers stay cached.
-IMAGE_PULL_POLICY = "Always"
+#: Default ``imagePullPolicy`` of stage containers. Stage images are referenced by release tag
+#: or, in production, by digest (chart value ``image.digests``), so a node pulls each image
+#: once; ``Always`` would add a registry round trip for every one of the hundreds of shard pods
+#: of a plate. The chart's ``image.pullPolicy`` (``CPJUMP1_IMAGE_PULL_POLICY``) overrides it.
+IMAGE_PULL_POLICY = "IfNotPresent"
 #: Optional PersistentVolumeClaim used as storage root instead of S3 (``storage.pvc``).
 DATA_PVC = "cpjump1-data"
 DATA_VOLUME = "data"
@@ -414,6 +417,12 @@ def pod_labels(stage: str, **extra: str) -> dict[str, str]:
     return labels
 
 
+def image_pull_policy(settings: Settings | None = None) -> str:
+    """``imagePullPolicy`` of stage containers: ``settings.image_pull_policy`` when the settings
+    have that field (fed by ``CPJUMP1_IMAGE_PULL_POLICY``), else :data:`IMAGE_PULL_POLICY`."""
+    return getattr(settings, "image_pull_policy", None) or IMAGE_PULL_POLICY
+
+
 def image(stage: str, settings: Settings) -> str:
     """Image reference of the stage (``Settings.image`` of :data:`STAGE_IMAGES`)."""
     _check_stage(stage)
@@ -441,7 +450,7 @@ def stage_pod(
     container = {
         "name": "base",  # KubernetesPodOperator looks for the container named "base"
         "image": image(stage, settings),
-        "imagePullPolicy": IMAGE_PULL_POLICY,
+        "imagePullPolicy": image_pull_policy(settings),
         "command": ["cpjump1"],
         "args": list(arguments),
         "env": env(stage),
