@@ -325,3 +325,15 @@ def test_build_profiling_image():
         )
         assert out.returncode == 0, out.stderr
         assert "load-data" in out.stdout
+
+
+def test_dockerignore_lets_every_copy_source_through():
+    """.dockerignore excludes everything (.venv, .tools, data) except what the images COPY."""
+    rules = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert rules[0] == "*", "the build context should be an allowlist"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    for name, path in DOCKERFILES.items():
+        for word, rest in _instructions(path):
+            if word == "COPY" and "--from=" not in rest:
+                for src in [t for t in shlex.split(rest) if not t.startswith("--")][:-1]:
+                    assert src.rstrip("/").split("/")[0] in allowed, f"{name}: {src} is excluded by .dockerignore"
