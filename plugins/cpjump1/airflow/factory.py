@@ -91,7 +91,7 @@ class StageMixin:
         self.log.info("plates done: %s", done)
         return done
 
-    def argv(self, params: dict[str, Any], shard: int | str | None = None) -> list[str]:
+    def argv(self, params: dict[str, Any], shard: int | str | None = None, plates: list[str] | None = None) -> list[str]:
         task_id = self.stage_task.task_id
         if task_id == "benchmark":
             settings = get_settings()
@@ -112,6 +112,8 @@ class StageMixin:
             shard=shard,
             force=bool(params.get("force")),
             checkpoint=params.get("deep_profiles_checkpoint"),
+            plates=plates,
+            allow_missing_wells=bool(params.get("allow_missing_wells")),
         )
 
     def shard_count(self, params: dict[str, Any]) -> int:
@@ -141,14 +143,14 @@ class LocalStageOperator(StageMixin, BaseOperator):
     def execute(self, context: Any) -> Any:
         params = run_params(context)
         self.skip_unless_selected(params)
-        self.skip_unless_plates_done(context)
+        done = self.skip_unless_plates_done(context)
         if self.stage_task.sharded:
             n = self.shard_count(params)
             for shard in range(n):
                 self.log.info("shard %d/%d", shard + 1, n)
                 self.run_cli(self.argv(params, shard=shard))
             return {"plate": self.plate, "shards": n}
-        self.run_cli(self.argv(params))
+        self.run_cli(self.argv(params, plates=done))
         return None
 
     def run_cli(self, argv: list[str]) -> None:

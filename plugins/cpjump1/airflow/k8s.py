@@ -50,8 +50,8 @@ class StagePodOperator(StageMixin, KubernetesPodOperator):
     def prepare(self, context: Any) -> dict[str, Any]:
         params = run_params(context)
         self.skip_unless_selected(params)
-        self.skip_unless_plates_done(context)
-        self.arguments = self.argv(params, shard=SHARD_INDEX_ARG if self.stage_task.sharded else None)
+        done = self.skip_unless_plates_done(context)
+        self.arguments = self.argv(params, shard=SHARD_INDEX_ARG if self.stage_task.sharded else None, plates=done)
         if self.stage_task.level == "plate" and isinstance(self.plate, str):
             self.labels = {**(self.labels or {}), "cpjump1.io/plate": deploy.label_value(self.plate)}
         return params

@@ -75,6 +75,16 @@ def batch_params(batch: str, plates: tuple[str, ...] | list[str]) -> dict[str, A
             ),
             section=SECTION_HOW,
         ),
+        "allow_missing_wells": Param(
+            False,
+            type="boolean",
+            title="Allow missing wells",
+            description=(
+                "Accept plates imaged in fewer wells than their plate map (synthetic demo plates); "
+                "off for real CPJUMP1 plates."
+            ),
+            section=SECTION_HOW,
+        ),
         "deep_profiles_checkpoint": Param(
             None,
             type=["null", "string"],

@@ -105,11 +105,15 @@ def stage_argv(
     profiles_root: str | None = None,
     benchmark_out: str | None = None,
     modality: str | None = None,
+    plates: list[str] | None = None,
+    allow_missing_wells: bool = False,
 ) -> list[str]:
     """Arguments of ``cpjump1`` for one task (without the program name).
 
     ``shard`` may be a string such as ``"$(JOB_COMPLETION_INDEX)"``, which Kubernetes expands
-    from the container environment in an indexed Job.
+    from the container environment in an indexed Job. ``plates`` limits the batch-level
+    feature selection to the plates that finished; ``allow_missing_wells`` lets the profiles
+    stage accept plates with fewer wells than their plate map (synthetic demo plates).
     """
     task = TASKS[task_id]
     if task_id == "load_data":
@@ -126,12 +130,18 @@ def stage_argv(
         argv = ["aggregate", "--batch", batch, "--plate", plate]
     elif task_id == "profiles":
         argv = ["profiles", "--batch", batch, "--plates", plate, "--step", "plate"]
+        if allow_missing_wells:
+            argv.append("--allow-missing-wells")
     elif task_id == "deep_profiles":
         argv = ["deep-profiles", "--batch", batch, "--plate", plate]
         if checkpoint:
             argv += ["--checkpoint", checkpoint]
     elif task_id == "feature_select_batch":
         argv = ["profiles", "--batch", batch, "--step", "batch"]
+        if plates:
+            argv += ["--plates", ",".join(plates)]
+        if allow_missing_wells:
+            argv.append("--allow-missing-wells")
     elif task_id == "benchmark":
         argv = ["benchmark", "--profiles", profiles_root]
         if benchmark_out:

@@ -1,0 +1,138 @@
+"""Screenshots of the web UI for docs/OPERATIONS.md (``make airflow-screenshots``).
+
+Starts an :class:`~cpjump1.airflow.embedded.EmbeddedAirflow` in a temporary folder, runs the
+``cpjump1_2020_11_04_CPJUMP1`` DAG on two synthetic plates (load_data stage only, so it takes a
+minute), and drives headless Chromium (Debian package ``chromium``) over the DevTools protocol
+to capture the grid view and the trigger form as PNG files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from cpjump1.settings import get_settings, repo_root
+
+BATCH = "2020_11_04_CPJUMP1"
+PLATES = ("BR00117010", "BR00117011")
+DAG_ID = f"cpjump1_{BATCH}"
+
+
+class Browser:
+    """Headless Chromium driven through the Chrome DevTools protocol (websocket-client)."""
+
+    def __init__(self, width: int = 1500, height: int = 1000):
+        import websocket
+
+        exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+        if not exe:
+            raise SystemExit("chromium not found: apt-get install chromium")
+        from cpjump1.airflow.embedded import free_port
+
+        self.port = free_port()
+        self.profile = tempfile.mkdtemp(prefix="cpjump1-chromium-")
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--remote-debugging-port={self.port}", f"--user-data-dir={self.profile}",
+             f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json") as r:
+                    pages = [t for t in json.load(r) if t["type"] == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("chromium did not start")
+        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60)
+        self._id = 0
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, **params):
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self._id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def goto(self, url: str, settle: float = 8.0) -> None:
+        self.call("Page.navigate", url=url)
+        time.sleep(settle)
+
+    def js(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True).get("result", {}).get("value")
+
+    def click_text(self, text: str) -> bool:
+        return bool(self.js(
+            "(() => { const els = [...document.querySelectorAll('button, a, [role=button], [role=tab]')];"
+            f" const el = els.find(e => e.innerText && e.innerText.trim() === {json.dumps(text)});"
+            " if (el) { el.click(); return true; } return false; })()"
+        ))
+
+    def screenshot(self, path: Path) -> None:
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        print(f"wrote {path}")
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(repo_root() / "docs" / "img"))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from cpjump1.airflow.embedded import EmbeddedAirflow
+    from cpjump1.synthetic import run_synthesize
+
+    with tempfile.TemporaryDirectory(prefix="cpjump1-screens-") as tmp:
+        af = EmbeddedAirflow(tmp)
+        for plate in PLATES:
+            run_synthesize(BATCH, plate, get_settings(storage_root=af.storage_root), wells=4, sites=2,
+                           size=128, seed=0, progress=False)
+        with af:
+            af.wait_dag(DAG_ID)
+            run = af.trigger_like_the_ui(DAG_ID, {"plates": list(PLATES), "stages": ["load_data"], "shards": 2})
+            af.wait_run(DAG_ID, run["dag_run_id"])
+            browser = Browser()
+            try:
+                base = af.base
+                browser.goto(f"{base}/auth/token/login?next={base}/dags/{DAG_ID}", settle=4)
+                browser.goto(f"{base}/dags/{DAG_ID}/runs/{run['dag_run_id']}", settle=10)
+                browser.js("document.querySelectorAll('[aria-label*=xpand], [title*=xpand]').forEach(b => b.click())")
+                time.sleep(2)
+                browser.screenshot(out / "airflow-grid.png")
+                browser.goto(f"{base}/dags/{DAG_ID}", settle=10)
+                if not browser.click_text("Trigger"):
+                    print("warning: no Trigger button found")
+                time.sleep(4)
+                browser.click_text("Run Parameters")
+                time.sleep(2)
+                browser.screenshot(out / "airflow-trigger-form.png")
+            finally:
+                browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
