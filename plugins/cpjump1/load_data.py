@@ -399,13 +399,10 @@ def images_to_load_data(
         .reset_index(drop=True)
     )
     pos = pd.MultiIndex.from_frame(sites[SITE_KEYS])
-    wide_index = pd.MultiIndex.from_frame(df[SITE_KEYS])
     present_keys = [k for k in metadata if k in df.columns]
     value_cols = ["URL", *present_keys]
-    # one pivot: (site) x (value, channel)
-    df.index = wide_index
-    piv = df.pivot_table(index=df.index, columns="Channel", values=value_cols, aggfunc="first")
-    piv.index = pd.MultiIndex.from_tuples(piv.index, names=SITE_KEYS) if not isinstance(piv.index, pd.MultiIndex) else piv.index
+    # one reshape: (site) x (value, channel); (site, channel) is unique after the check above
+    piv = df.set_index([*SITE_KEYS, "Channel"])[value_cols].unstack("Channel")
     piv = piv.reindex(pos)
     out: dict[str, Any] = {}
     for ch in channels:
@@ -623,11 +620,11 @@ def qc_frame(
     """
     fcols = [c for c in table.columns if c.startswith("FileName_Orig")]
     present = table[fcols].notna()
-    missing = present.apply(
-        lambda r: ",".join(c.removeprefix("FileName_") for c, ok in r.items() if not ok) or None, axis=1
-    ) if len(table) else pd.Series([], dtype=object)
+    names = [c.removeprefix("FileName_") for c in fcols]
+    absent = ~present.to_numpy()
+    missing = [",".join(n for n, a in zip(names, row) if a) if row.any() else None for row in absent]
     q = table.copy()
-    q["_qc_missing_channels"] = missing.astype(object)
+    q["_qc_missing_channels"] = pd.Series(missing, index=table.index, dtype=object)
     q["_qc_n_images"] = present.sum(axis=1).astype(int)
     if "Metadata_Well" in q.columns and "Metadata_Site" in q.columns:
         key = q["Metadata_Plate"].astype(str) + "/" + q["Metadata_Well"].astype(str)
