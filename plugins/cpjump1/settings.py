@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     namespace: str = "cpjump1"
     service_account: str = "cpjump1-stage-runner"
     resources: dict[str, dict[str, str]] = Field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    #: Per-stage pod placement, e.g. ``{"deep_profiles": {"nodeSelector": {...}, "tolerations": [...]}}``
+    #: (the chart fills it from its values through the settings ConfigMap).
+    scheduling: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Kubernetes mode: the storage root is a mounted PersistentVolumeClaim instead of S3.
+    storage_pvc: bool = False
+    #: ``imagePullPolicy`` of stage containers.
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
     @field_validator("storage_root", "images_root")
     @classmethod
