@@ -283,36 +283,144 @@ def _blocklist(path: str) -> tuple[str, ...]:
     return tuple(x for x in lines if x != "blocklist")
 
 
+def pairwise_complete_correlation(x: np.ndarray) -> np.ndarray:
+    """Pearson correlation of the columns of ``x`` over pairwise-complete rows.
+
+    What ``pandas.DataFrame.corr()`` computes (pycytominer's path when a profile has NaN), but
+    with matrix products: columns without NaN through one centred product, columns with NaN
+    through joint-row moments against every column. NaN where a pair has no variance.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, p = x.shape
+    valid = ~np.isnan(x)
+    full = valid.all(axis=0)
+    c = np.full((p, p), np.nan)
+    with np.errstate(all="ignore"):
+        f = np.flatnonzero(full)
+        if f.size:
+            z = x[:, f] - x[:, f].mean(axis=0)
+            ss = np.einsum("ij,ij->j", z, z)
+            c_ff = (z.T @ z) / np.sqrt(np.outer(ss, ss))
+            c_ff[:, ss == 0] = np.nan
+            c_ff[ss == 0, :] = np.nan
+            c[np.ix_(f, f)] = c_ff
+            del z
+        g = np.flatnonzero(~full)
+        if g.size:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                centre = np.nanmean(x, axis=0)
+            x0 = np.where(valid, x - centre, 0.0)
+            m = valid.astype(np.float64)
+            x0g, mg = x0[:, g], m[:, g]
+            cnt = mg.T @ m
+            s_g = x0g.T @ m
+            s_j = mg.T @ x0
+            ss_g = (x0g * x0g).T @ m
+            ss_j = mg.T @ (x0 * x0)
+            cov = x0g.T @ x0 - s_g * s_j / cnt
+            var_g = ss_g - s_g * s_g / cnt
+            var_j = ss_j - s_j * s_j / cnt
+            tiny = 1e-12
+            r = cov / np.sqrt(var_g * var_j)
+            r[(cnt < 1) | (var_g <= tiny * np.maximum(ss_g, tiny)) | (var_j <= tiny * np.maximum(ss_j, tiny))] = np.nan
+            c[g, :] = r
+            c[:, g] = r.T
+    return c
+
+
+def correlation_threshold(
+    population_df: pd.DataFrame,
+    features: list[str],
+    samples: str = "all",
+    threshold: float = 0.9,
+    method: str = "pearson",
+) -> list[str]:
+    """pycytominer's correlation_threshold with a faster correlation matrix.
+
+    Same rule as ``pycytominer.operations.correlation_threshold``: among the pairs of the lower
+    triangle whose correlation exceeds ``threshold``, drop the feature that comes later when
+    features are ordered by their summed absolute correlation (pandas ``sort_values``). The
+    matrix is ``np.corrcoef`` when there is no NaN (pycytominer's own choice) and
+    :func:`pairwise_complete_correlation` otherwise (pycytominer would call
+    ``DataFrame.corr()``, O(rows × features²) in pure loops). Other methods and profiles with
+    infinite values go to pycytominer unchanged.
+    """
+    from pycytominer.operations import correlation_threshold as pcm_correlation_threshold
+
+    if samples != "all":
+        population_df = population_df.loc[negcon_mask(population_df, {}, samples)]
+    x = population_df.loc[:, features].to_numpy(dtype=np.float64)
+    if method != "pearson" or np.isinf(x).any():
+        return pcm_correlation_threshold(population_df=population_df, features=features, threshold=threshold, method=method)
+    if np.isnan(x).any():
+        c = pairwise_complete_correlation(x)
+    else:
+        c = np.corrcoef(x.T)
+    total = pd.DataFrame(c, index=features, columns=features).abs().sum()
+    order = total.sort_values().index
+    pos = pd.Series(np.arange(len(order)), index=order).reindex(features).to_numpy()
+    with np.errstate(invalid="ignore"):
+        a, b = np.nonzero(np.tril(c > threshold, k=-1))
+    chosen = np.where(pos[a] > pos[b], a, b)
+    return list({features[k] for k in chosen.tolist()})
+
+
+@functools.cache
+def _blocklist(path: str) -> tuple[str, ...]:
+    lines = [x.strip() for x in Path(path).read_text().splitlines() if x.strip()]
+    return tuple(x for x in lines if x != "blocklist")
+
+
 def feature_select(
     profiles: pd.DataFrame,
     settings: Any,
     config: dict[str, Any] | None = None,
     features: str | list[str] = "infer",
     operations: list[str] | None = None,
+    samples: str = "all",
 ) -> pd.DataFrame:
-    """pycytominer.feature_select with the config's operations and cut-offs (module docstring)."""
+    """Feature selection as ``pycytominer.feature_select`` with the config's operations and
+    cut-offs (module docstring): the operations run in order, each on the features the previous
+    ones kept, using pycytominer's operation functions; only the correlation matrix of
+    ``correlation_threshold`` is computed by :func:`correlation_threshold` (same rule)."""
     import pycytominer
+    from pycytominer.cyto_utils import get_blocklist_features, infer_cp_features
+    from pycytominer.operations import frequency_threshold, get_na_columns
 
     config = config or load_config(settings)
     fs = config["feature_select"]
     ops = list(operations or fs["operations"])
-    kwargs: dict[str, Any] = {}
+    blocklist = None
     if "blocklist" in ops:
         path = Path(settings.metadata_dir) / fs.get("blocklist", "blocklist_features.txt")
         if not path.exists():
             raise MetadataError(f"{path}: blocklist file not found (feature_select.blocklist in {config.get('_path')})")
-        kwargs["blocklist"] = list(_blocklist(str(path)))
-    return pycytominer.feature_select(
-        profiles=profiles,
-        features=features,
-        operation=ops,
-        freq_cut=fs["freq_cut"],
-        unique_cut=fs["unique_cut"],
-        corr_threshold=fs["corr_threshold"],
-        corr_method=fs.get("corr_method", "pearson"),
-        na_cutoff=fs["na_cutoff"],
-        **kwargs,
-    )
+        blocklist = list(_blocklist(str(path)))
+    supported = {"frequency_threshold", "correlation_threshold", "drop_na_columns", "blocklist"}
+    if not set(ops) <= supported:
+        return pycytominer.feature_select(
+            profiles=profiles, features=features, samples=samples, operation=ops, freq_cut=fs["freq_cut"],
+            unique_cut=fs["unique_cut"], corr_threshold=fs["corr_threshold"], corr_method=fs.get("corr_method", "pearson"),
+            na_cutoff=fs["na_cutoff"], blocklist=blocklist,
+        )
+    feats = infer_cp_features(profiles, image_features=fs.get("image_features", False)) if features == "infer" else list(features)
+    excluded: list[str] = []
+    for op in ops:
+        if op == "frequency_threshold":
+            exclude = frequency_threshold(population_df=profiles, features=feats, samples=samples, freq_cut=fs["freq_cut"], unique_cut=fs["unique_cut"])
+        elif op == "correlation_threshold":
+            exclude = correlation_threshold(profiles, feats, samples, fs["corr_threshold"], fs.get("corr_method", "pearson"))
+        elif op == "drop_na_columns":
+            exclude = get_na_columns(population_df=profiles, features=feats, samples=samples, cutoff=fs["na_cutoff"])
+        else:
+            exclude = get_blocklist_features(population_df=profiles, blocklist=blocklist)
+        excluded += list(exclude)
+        gone = set(excluded)
+        feats = [f for f in feats if f not in gone]
+    return profiles.drop(columns=list(set(excluded)))
 
 
 def check_input(df: pd.DataFrame, batch: str, plate: str, source: str) -> None:
@@ -320,10 +428,11 @@ def check_input(df: pd.DataFrame, batch: str, plate: str, source: str) -> None:
     feats = features_of(df)
     if not feats:
         raise InputDataError(f"plate {batch}/{plate}: {source} has no Cells_/Cytoplasm_/Nuclei_ feature column")
-    empty = [c for c in feats if df[c].isna().all()]
+    empty = df[feats].columns[df[feats].isna().all().to_numpy()].tolist()
     if empty:
         raise InputDataError(f"plate {batch}/{plate}: {source}: feature(s) {', '.join(empty[:10])} are NaN in every well")
-    bad = [c for c in feats if df[c].dtype.kind not in "fiu"]
+    kinds = df[feats].dtypes.map(lambda d: d.kind)
+    bad = kinds.index[~kinds.isin(list("fiu"))].tolist()
     if bad:
         raise InputDataError(f"plate {batch}/{plate}: {source}: feature(s) {', '.join(bad[:10])} are not numeric")
 
