@@ -205,30 +205,36 @@ class _LocalCopies:
 class ShardSchema:
     features: dict[str, list[str]]  # compartment -> raw column names (features)
     image_counts: list[str]
+    headers: dict[str, list[str]] = field(default_factory=dict)  # compartment -> header
 
 
 def shard_schema(shard: Shard, plate: str, settings: Any) -> ShardSchema:
     """Check the shard's headers and list its feature columns per compartment."""
     features: dict[str, list[str]] = {}
+    headers: dict[str, list[str]] = {}
     for comp in COMPARTMENTS:
         url = shard.files[comp]
-        header = _read_header(url, settings)
+        header = headers[comp] = _read_header(url, settings)
         _check_columns(url, header, OBJECT_KEYS + PARENTS[comp], plate)
         features[comp] = [c for c in header if c not in ("ImageNumber", "ObjectNumber") and not c.startswith("Metadata_")]
     url = shard.files[IMAGE_TABLE]
     header = _read_header(url, settings)
     _check_columns(url, header, IMAGE_KEYS, plate)
-    return ShardSchema(features=features, image_counts=[c for c in IMAGE_COUNTS if c in header])
+    return ShardSchema(features=features, image_counts=[c for c in IMAGE_COUNTS if c in header], headers=headers)
 
 
 def _shard_query(shard: Shard, schema: ShardSchema, paths: dict[str, str]) -> str:
     def reader(comp: str, keys: tuple[str, ...]) -> str:
-        cols = {k: "BIGINT" for k in keys if k not in ("Metadata_Plate", "Metadata_Well")}
-        cols.update({"Metadata_Plate": "VARCHAR", "Metadata_Well": "VARCHAR"})
+        # every column typed from the header: keys BIGINT, metadata VARCHAR, features DOUBLE
+        # (no type sniffing: a feature that is integral in the first rows stays DOUBLE)
+        cols = {c: "VARCHAR" for c in schema.headers[comp]}
+        cols.update({c: "DOUBLE" for c in schema.features[comp]})
+        cols.update({k: "BIGINT" for k in keys if not k.startswith("Metadata_")})
+        cols["Metadata_Site"] = "BIGINT"
         types = ", ".join(f"{_sql_str(k)}: {_sql_str(v)}" for k, v in cols.items())
         return (
-            f"read_csv({_sql_str(paths[comp])}, header=true, auto_detect=true, sample_size=1024, "
-            f"types={{{types}}}, nullstr=['', 'nan', 'NaN'])"
+            f"read_csv({_sql_str(paths[comp])}, header=true, auto_detect=false, delim=',', quote='\"', "
+            f"columns={{{types}}}, nullstr=['', 'nan', 'NaN'])"
         )
 
     select = [
@@ -242,7 +248,7 @@ def _shard_query(shard: Shard, schema: ShardSchema, paths: dict[str, str]) -> st
     alias = {"Cells": "ce", "Cytoplasm": "cy", "Nuclei": "nu"}
     for comp in COMPARTMENTS:
         for col in schema.features[comp]:
-            select.append(f"TRY_CAST({alias[comp]}.{_ident(col)} AS DOUBLE) AS {_ident(f'{comp}_{col}')}")
+            select.append(f"{alias[comp]}.{_ident(col)} AS {_ident(f'{comp}_{col}')}")
     keys = {c: OBJECT_KEYS + PARENTS[c] for c in COMPARTMENTS}
     return (
         f"SELECT {', '.join(select)} FROM {reader('Cytoplasm', keys['Cytoplasm'])} cy "
@@ -418,6 +424,23 @@ def well_row_groups(pf: pq.ParquetFile) -> dict[str, list[int]]:
 # --------------------------------------------------------------------------- medians
 
 
+def _column_medians(arr: np.ndarray) -> np.ndarray:
+    """Column medians skipping NaN (np.median's partition for complete columns, nanmedian
+    only for the columns that have NaN); NaN for a column without values."""
+    nan_cols = np.isnan(arr).any(axis=0)
+    if not nan_cols.any():
+        return np.median(arr, axis=0)
+    out = np.empty(arr.shape[1])
+    if (~nan_cols).any():
+        out[~nan_cols] = np.median(arr[:, ~nan_cols], axis=0)
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out[nan_cols] = np.nanmedian(arr[:, nan_cols], axis=0)
+    return out
+
+
 def well_medians(path: str | Path, features_per_chunk: int = FEATURES_PER_CHUNK, progress: bool = True) -> pd.DataFrame:
     """Per-well feature medians of a single-cell Parquet file, streamed well by well.
 
@@ -452,12 +475,7 @@ def well_medians(path: str | Path, features_per_chunk: int = FEATURES_PER_CHUNK,
         for cols in chunks:
             block = pf.read_row_groups(rgs, columns=cols)
             arr = np.column_stack([block.column(c).to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64, copy=False)
-            with np.errstate(all="ignore"):
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    out[w, start : start + len(cols)] = np.nanmedian(arr, axis=0)
+            out[w, start : start + len(cols)] = _column_medians(arr)
             start += len(cols)
     frame = pd.concat([pd.DataFrame(meta), pd.DataFrame(out, columns=features)], axis=1)
     return frame
