@@ -23,6 +23,7 @@ AIRFLOW_ENV := AIRFLOW_HOME=$(AIRFLOW_HOME_DIR) \
 	AIRFLOW__API__PORT=$(AIRFLOW_PORT) \
 	AIRFLOW__API__BASE_URL=http://127.0.0.1:$(AIRFLOW_PORT) \
 	AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$(AIRFLOW_PORT)/execution/ \
+	AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT=30 \
 	CPJUMP1_STORAGE_ROOT=$${CPJUMP1_STORAGE_ROOT:-$(CURDIR)/data} \
 	CPJUMP1_MODE=local
 
@@ -40,3 +41,12 @@ airflow-pools: airflow-db
 airflow: $(DEMO_ENVS) airflow-pools
 	@echo "Airflow UI: http://127.0.0.1:$(AIRFLOW_PORT)  (admin password: $(AIRFLOW_HOME_DIR)/simple_auth_manager_passwords.json.generated)"
 	$(AIRFLOW_ENV) $(RUN) airflow standalone
+
+# Screenshots for docs/OPERATIONS.md: an embedded Airflow on a free loopback port runs the batch
+# DAG on two synthetic plates (load_data only), then headless Chromium (Debian package
+# `chromium`, installed when missing) captures the grid view and the trigger form.
+.PHONY: airflow-screenshots
+airflow-screenshots: env
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium; }
+	$(RUN) python -m cpjump1.airflow.screenshots --out docs/img

@@ -55,6 +55,8 @@ class EmbeddedAirflow:
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.root / "logs"),
+            # a busy shared machine answers slowly; the default 5 s fails tasks before they start
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
             # the scheduler's log server (it serves task logs to the api-server): a free port,
             # so that several embedded instances can run side by side
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),

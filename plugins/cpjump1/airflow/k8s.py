@@ -34,8 +34,20 @@ SHARD_INDEX_ARG = "$(JOB_COMPLETION_INDEX)"
 JOB_TTL_SECONDS = 600
 
 
+_API_CLIENT: list = []
+
+
 def _model(data: Any, klass: str) -> Any:
-    return deploy.to_k8s_model(data, klass)
+    """``kubernetes.client`` model of a camelCase dict (as ``deploy.to_k8s_model``), with ONE
+    ``ApiClient`` per process: building one per call costs milliseconds of logging setup, and a
+    DAG file builds hundreds of these models."""
+    import copy
+
+    from kubernetes.client import ApiClient
+
+    if not _API_CLIENT:
+        _API_CLIENT.append(ApiClient())
+    return _API_CLIENT[0]._ApiClient__deserialize(copy.deepcopy(data), klass)  # noqa: SLF001
 
 
 class StagePodOperator(StageMixin, KubernetesPodOperator):
@@ -94,29 +106,51 @@ def _shard_env() -> list[dict[str, Any]]:
     ]
 
 
+_RAW_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
+def _raw_pod_parts(task: st.Task, settings: Settings) -> dict[str, Any]:
+    """Plain-dict pod parts of a task from :mod:`cpjump1.deploy`, computed once per settings
+    object and stage (``deploy.volumes`` walks the pipelines and expectations folders)."""
+    key = (id(settings), task.deploy_stage, task.sharded)
+    if key not in _RAW_CACHE:
+        stage = task.deploy_stage
+        _RAW_CACHE[key] = {
+            "env": deploy.env(stage) + (_shard_env() if task.sharded else []),
+            "env_from": deploy.env_from(),
+            "resources": deploy.resources(stage, settings),
+            "volumes": deploy.volumes(settings),
+            "volume_mounts": deploy.volume_mounts(settings),
+            "tolerations": deploy.tolerations(stage, settings),
+            "node_selector": deploy.node_selector(stage, settings),
+            "_settings": settings,  # keeps id(settings) from being reused while cached
+        }
+    return _RAW_CACHE[key]
+
+
 def pod_kwargs(task: st.Task, batch: str | None, settings: Settings) -> dict[str, Any]:
     """KubernetesPodOperator arguments of a task, from :mod:`cpjump1.deploy` and the settings."""
     stage = task.deploy_stage
-    env = deploy.env(stage) + (_shard_env() if task.sharded else [])
+    raw = _raw_pod_parts(task, settings)
     labels = deploy.pod_labels(stage, **({"batch": batch} if batch else {}))
     kwargs: dict[str, Any] = {
         "name": f"cpjump1-{task.task_id.replace('_', '-')}",
         "namespace": settings.namespace,
         "image": deploy.image(stage, settings),
-        "image_pull_policy": "IfNotPresent",
+        "image_pull_policy": deploy.image_pull_policy(settings),
         "cmds": ["cpjump1"],
-        "env_vars": _model(env, "list[V1EnvVar]"),
-        "env_from": _model(deploy.env_from(), "list[V1EnvFromSource]"),
-        "container_resources": _model(deploy.resources(stage, settings), "V1ResourceRequirements"),
-        "volumes": _model(deploy.volumes(), "list[V1Volume]"),
-        "volume_mounts": _model(deploy.volume_mounts(), "list[V1VolumeMount]"),
+        "env_vars": _model(raw["env"], "list[V1EnvVar]"),
+        "env_from": _model(raw["env_from"], "list[V1EnvFromSource]"),
+        "container_resources": _model(raw["resources"], "V1ResourceRequirements"),
+        "volumes": _model(raw["volumes"], "list[V1Volume]"),
+        "volume_mounts": _model(raw["volume_mounts"], "list[V1VolumeMount]"),
         "security_context": deploy.pod_security_context(),
         "container_security_context": deploy.container_security_context(),
         "service_account_name": settings.service_account,
         "automount_service_account_token": False,
         "labels": labels,
-        "node_selector": deploy.node_selector(stage, settings) or None,
-        "tolerations": _model(deploy.tolerations(stage, settings), "list[V1Toleration]") or None,
+        "node_selector": dict(raw["node_selector"]) or None,
+        "tolerations": _model(raw["tolerations"], "list[V1Toleration]") or None,
         "get_logs": True,
         "do_xcom_push": False,
         "log_events_on_failure": True,

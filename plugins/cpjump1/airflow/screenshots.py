@@ -76,11 +76,12 @@ class Browser:
     def js(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True).get("result", {}).get("value")
 
-    def click_text(self, text: str) -> bool:
+    def click_text(self, text: str, selector: str = "button, a, [role=button], [role=tab], summary") -> bool:
+        """Click the last matching element whose visible text starts with ``text``."""
         return bool(self.js(
-            "(() => { const els = [...document.querySelectorAll('button, a, [role=button], [role=tab]')];"
-            f" const el = els.find(e => e.innerText && e.innerText.trim() === {json.dumps(text)});"
-            " if (el) { el.click(); return true; } return false; })()"
+            f"(() => {{ const els = [...document.querySelectorAll({json.dumps(selector)})];"
+            f" const hits = els.filter(e => e.innerText && e.innerText.trim().startsWith({json.dumps(text)}));"
+            " if (hits.length) { hits[hits.length - 1].click(); return true; } return false; })()"
         ))
 
     def screenshot(self, path: Path) -> None:
@@ -119,15 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                 base = af.base
                 browser.goto(f"{base}/auth/token/login?next={base}/dags/{DAG_ID}", settle=4)
                 browser.goto(f"{base}/dags/{DAG_ID}/runs/{run['dag_run_id']}", settle=10)
-                browser.js("document.querySelectorAll('[aria-label*=xpand], [title*=xpand]').forEach(b => b.click())")
-                time.sleep(2)
+                if not browser.click_text("plate", selector="span, div, p, button"):
+                    print("warning: could not expand the plate group")
+                time.sleep(3)
                 browser.screenshot(out / "airflow-grid.png")
                 browser.goto(f"{base}/dags/{DAG_ID}", settle=10)
                 if not browser.click_text("Trigger"):
                     print("warning: no Trigger button found")
-                time.sleep(4)
-                browser.click_text("Run Parameters")
-                time.sleep(2)
+                time.sleep(5)
                 browser.screenshot(out / "airflow-trigger-form.png")
             finally:
                 browser.close()
