@@ -235,7 +235,8 @@ def load_plate(source: ProfileSource, settings: Any, catalog: Any) -> PlateProfi
     feat_cols = [c for c in df.columns if not str(c).startswith("Metadata_")]
     if not feat_cols:
         raise InputDataError(f"{source.url}: no feature columns (every column starts with Metadata_)")
-    bad = [c for c in feat_cols if not pd.api.types.is_numeric_dtype(df[c])]
+    dtypes = df.dtypes
+    bad = [c for c in feat_cols if not pd.api.types.is_numeric_dtype(dtypes[c])]
     if bad:
         raise InputDataError(f"{source.url}: non-numeric feature column(s): {', '.join(map(str, bad[:5]))}")
     if "Metadata_Plate" in df:
@@ -277,9 +278,10 @@ def load_plate(source: ProfileSource, settings: Any, catalog: Any) -> PlateProfi
         negcon |= meta["Metadata_broad_sample"] == ""
     meta["is_negcon"] = negcon.to_numpy(bool)
     meta["is_treated"] = (~negcon & (meta["Metadata_broad_sample"] != "")).to_numpy(bool)
-    X = df[feat_cols].astype(np.float32)
-    X = X.mask(~np.isfinite(X))
-    return PlateProfiles(source, meta.reset_index(drop=True), X.reset_index(drop=True))
+    values = df[feat_cols].to_numpy(np.float32)
+    values[~np.isfinite(values)] = np.nan
+    X = pd.DataFrame(values, columns=feat_cols)
+    return PlateProfiles(source, meta.reset_index(drop=True), X)
 
 
 # --------------------------------------------------------------------------- experiments
@@ -423,7 +425,7 @@ def prepare_experiment(exp: Experiment, issues: list[Issue]) -> None:
             Issue("warning", exp.name, "", "constant wells", f"{int(flat.sum())} well(s) with identical values in every feature dropped")
         )
         meta, X = meta[~flat].reset_index(drop=True), X[~flat]
-    exp.meta, exp.X, exp.features = meta, X, features
+    exp.meta, exp.X, exp.features = meta, X.astype(np.float32), features
     if len(exp.plates) < 2:
         exp.status = "single plate"
         issues.append(
@@ -894,6 +896,8 @@ def run_benchmark(
     res = Results()
     for exp in experiments:
         prepare_experiment(exp, res.issues)
+        for p in exp.plates:  # the experiment holds the (cleaned) values now
+            p.X = p.X.iloc[:0]
     for exp in tqdm(experiments, desc="replicates", leave=False):
         log.info("experiment %s: %d plate(s)", exp.name, len(exp.plates))
         replicate_metrics(exp, modality, null_size, seed, res)
@@ -903,8 +907,6 @@ def run_benchmark(
     for c, g in tqdm(pairs, desc="matching", leave=False):
         log.info("matching %s ~ %s", c.name, g.name)
         matching_metrics(c, g, targets, modality, null_size, seed, res)
-    for p in plates:  # free the raw tables
-        p.X = p.X.iloc[:0]
     tables = build_tables(res)
     elapsed = time.perf_counter() - started
     storage.remove(storage.join(out, storage.MARKER_NAME), settings)
