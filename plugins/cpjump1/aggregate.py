@@ -97,6 +97,14 @@ WELL_METADATA = (
     "Metadata_Object_Count",
 )
 WELLS_KEY = b"cpjump1.wells"
+#: single-cell Parquet: snappy, dictionaries and statistics only for the metadata columns
+#: (dictionary attempts and min/max statistics on thousands of float columns cost more than
+#: they give; readers find a well's row groups through the WELLS_KEY metadata)
+PARQUET_OPTIONS = {
+    "compression": "snappy",
+    "use_dictionary": ["Metadata_Plate", "Metadata_Well", "Metadata_Shard"],
+    "write_statistics": ["Metadata_Plate", "Metadata_Well", "Metadata_Site"],
+}
 FEATURES_PER_CHUNK = 384
 VERSION = "aggregate-1"
 
@@ -385,7 +393,7 @@ def _merge_by_well(shard_files: list[Path], out_path: Path, plate: str) -> tuple
             group += 1
             pending, pending_rows = [], 0
 
-    with pq.ParquetWriter(out_path, schema, compression="snappy") as writer:
+    with pq.ParquetWriter(out_path, schema, **PARQUET_OPTIONS) as writer:
         while heap:
             well, i, rb = heapq.heappop(heap)
             if well != current:
@@ -424,20 +432,20 @@ def well_row_groups(pf: pq.ParquetFile) -> dict[str, list[int]]:
 # --------------------------------------------------------------------------- medians
 
 
-def _column_medians(arr: np.ndarray) -> np.ndarray:
-    """Column medians skipping NaN (np.median's partition for complete columns, nanmedian
-    only for the columns that have NaN); NaN for a column without values."""
-    nan_cols = np.isnan(arr).any(axis=0)
-    if not nan_cols.any():
-        return np.median(arr, axis=0)
-    out = np.empty(arr.shape[1])
-    if (~nan_cols).any():
-        out[~nan_cols] = np.median(arr[:, ~nan_cols], axis=0)
+def _row_medians(arr: np.ndarray) -> np.ndarray:
+    """Row medians skipping NaN (np.median's partition for complete rows, nanmedian only for
+    the rows that have NaN); NaN for a row without values."""
+    nan_rows = np.isnan(arr).any(axis=1)
+    if not nan_rows.any():
+        return np.median(arr, axis=1)
+    out = np.empty(arr.shape[0])
+    if (~nan_rows).any():
+        out[~nan_rows] = np.median(arr[~nan_rows], axis=1)
     import warnings
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        out[nan_cols] = np.nanmedian(arr[:, nan_cols], axis=0)
+        out[nan_rows] = np.nanmedian(arr[nan_rows], axis=1)
     return out
 
 
@@ -474,8 +482,9 @@ def well_medians(path: str | Path, features_per_chunk: int = FEATURES_PER_CHUNK,
         start = 0
         for cols in chunks:
             block = pf.read_row_groups(rgs, columns=cols)
-            arr = np.column_stack([block.column(c).to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64, copy=False)
-            out[w, start : start + len(cols)] = _column_medians(arr)
+            # features × cells, each feature contiguous: the partition runs along rows
+            arr = np.stack([block.column(c).to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64, copy=False)
+            out[w, start : start + len(cols)] = _row_medians(arr)
             start += len(cols)
     frame = pd.concat([pd.DataFrame(meta), pd.DataFrame(out, columns=features)], axis=1)
     return frame
@@ -765,9 +774,9 @@ def write_synthetic_single_cells(
     n = sites * cells_per_site
     from tqdm.auto import tqdm
 
-    with pq.ParquetWriter(path, schema, compression="snappy") as writer:
+    with pq.ParquetWriter(path, schema, **PARQUET_OPTIONS) as writer:
         for w, well in enumerate(tqdm(wells, desc="synthetic cells", unit="well", disable=None)):
-            x = synthetic_cells(w, n, effects, seed, dtype=dtype)
+            x = np.asfortranarray(synthetic_cells(w, n, effects, seed, dtype=dtype))
             site = np.repeat(np.arange(1, sites + 1), cells_per_site)
             arrays = [
                 pa.array([plate] * n),
