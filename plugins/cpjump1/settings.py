@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     storage_pvc: bool = False
     #: ``imagePullPolicy`` of stage containers.
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    #: Schedule of the batch DAGs: ``acquisition`` (one event at the batch's acquisition date,
+    #: for backfills), ``none`` (manual only) or a cron expression (periodic reprocessing).
+    dag_schedule: str = "acquisition"
 
     @field_validator("storage_root", "images_root")
     @classmethod
