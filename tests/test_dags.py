@@ -199,6 +199,8 @@ def test_cron_schedule_for_reprocessing(settings):
     assert "0 3 * * 0" in coerce_to_core_timetable(dag.timetable).summary
     manual = coerce_to_core_timetable(build_batch_dag("2020_11_04_CPJUMP1", settings, schedule="none").timetable)
     assert not manual.can_be_scheduled
+    from_settings = build_batch_dag("2020_11_04_CPJUMP1", settings.model_copy(update={"dag_schedule": "0 4 1 * *"}))
+    assert "0 4 1 * *" in coerce_to_core_timetable(from_settings.timetable).summary
 
 
 def test_benchmark_dag_scheduled_on_batch_assets(settings):
@@ -225,3 +227,51 @@ def test_summary_reports_done_and_failed_plates():
     assert result["failed"] == [{"plate": "P1", "task": "validate_load_data", "state": "failed"}]
     text = format_summary(result)
     assert "P1" in text and "FAILED" in text and "validate_load_data" in text
+
+
+# A batch DAG run in a fresh interpreter (dag.test(): a real DagRun in a temporary SQLite DB,
+# every task in order, the stages as subprocesses).
+RUN_SCRIPT = r"""
+import json, sys
+from cpjump1.airflow.builder import build_all
+dag = build_all()[sys.argv[1]]
+run = dag.test(run_conf=json.loads(sys.argv[2]))
+states = {f"{ti.task_id}[{ti.map_index}]": str(ti.state) for ti in run.get_task_instances()}
+print("RESULT" + json.dumps({"state": str(run.state), "states": states}))
+"""
+
+
+def test_failed_plate_does_not_stop_the_other_plates(tmp_path):
+    """Two plates, one without images: it fails at load_data, the other goes on; the summary
+    names the failed plate and task, and the run ends failed."""
+    from cpjump1.settings import get_settings
+    from cpjump1.synthetic import run_synthesize
+
+    good, missing = "BR00117010", "BR00117011"
+    storage_root = tmp_path / "data"
+    run_synthesize("2020_11_04_CPJUMP1", good, get_settings(storage_root=str(storage_root)), wells=4, sites=1,
+                   size=64, seed=0, progress=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CPJUMP1_", "AIRFLOW"))}
+    env.update(AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+               AIRFLOW__CORE__LOAD_EXAMPLES="False", CPJUMP1_STORAGE_ROOT=str(storage_root), CPJUMP1_MODE="local")
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    conf = {"plates": [good, missing], "stages": ["load_data"], "shards": 1}
+    out = subprocess.run([sys.executable, "-c", RUN_SCRIPT, "cpjump1_2020_11_04_CPJUMP1", json.dumps(conf)],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-5000:]
+    result = json.loads(line[len("RESULT"):])
+    states = result["states"]
+    # map index 0 = BR00117010 (catalog order), 1 = BR00117011
+    assert states["plate.load_data[0]"] == "success"
+    assert states["plate.validate_load_data[0]"] == "success"
+    assert states["plate.load_data[1]"] == "failed"  # no images: exit 2, not retried
+    assert states["plate.validate_load_data[1]"] == "upstream_failed"
+    assert states["plate.illum[0]"] == "skipped" and states["plate.illum[1]"] == "upstream_failed"
+    assert states["feature_select_batch[-1]"] == "skipped"  # not selected
+    assert states["summary[-1]"] == "failed"
+    assert "failed" in result["state"]
+    text = out.stdout + out.stderr
+    assert "1 plate(s) done, 1 failed" in text
+    assert f"{missing}" in text and "FAILED    at load_data" in text
