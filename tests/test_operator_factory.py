@@ -188,3 +188,24 @@ def test_kubernetes_dags_parse_with_pod_operators(tmp_path, monkeypatch):
             if task.task_id.split(".")[-1] in st.TASKS:
                 assert isinstance(task, KubernetesPodOperator), task.task_id
     assert os.environ["CPJUMP1_MODE"] == "kubernetes"
+
+
+def test_shard_count_comes_from_the_load_data_manifest(settings, monkeypatch):
+    """The analysis task runs as many shards as load_data wrote (shards.json), else params.shards."""
+    import json as _json
+    from pathlib import Path
+
+    from cpjump1.storage import Layout
+
+    monkeypatch.setenv("CPJUMP1_STORAGE_ROOT", settings.storage_root)
+    op = LocalStageOperator(task_id="analysis", batch=BATCH, plate=PLATE)
+    assert op.shard_count({"shards": 5}) == 5  # no manifest yet
+    folder = Path(Layout(settings.storage_root).load_data_dir(BATCH, PLATE))
+    folder.mkdir(parents=True)
+    (folder / "shards.json").write_text(_json.dumps({"n_shards": 3, "shards": []}))
+    assert op.shard_count({"shards": 5}) == 3
+    calls = []
+    monkeypatch.setattr(LocalStageOperator, "run_cli", lambda self, argv: calls.append(argv))
+    result = op.execute({"params": {"stages": ["analysis"], "shards": 5, "force": False}})
+    assert result == {"plate": PLATE, "shards": 3}
+    assert [c[-1] for c in calls] == ["0", "1", "2"] and all(c[0] == "analysis" for c in calls)
