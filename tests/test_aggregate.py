@@ -176,3 +176,16 @@ def test_profile_csv_is_gzip_with_5_significant_digits(settings):
     feats = [c for c in df.columns if aggregate.is_feature(c)]
     for v in df[feats].to_numpy().ravel():
         assert v == "%.5g" % float(v)
+
+
+def test_validate_single_cell_stage_reads_the_shards(settings):
+    """``cpjump1 validate --stage single_cell`` runs the analysis stage's suite on every shard
+    table through :func:`cpjump1.aggregate.load_for_validation`."""
+    from cpjump1.validation import validation_inputs
+
+    make_shards(settings, shards=2)
+    items = validation_inputs("single_cell", BATCH, PLATE, settings)
+    tables = {(i.parameters["shard"], i.parameters["table"]) for i in items}
+    assert ("shard-0000", "Image") in tables and ("shard-0001", "features") in tables
+    feats = next(i.df for i in items if i.parameters["table"] == "features")
+    assert len(feats) > 0 and (feats["nan_fraction"] == 0).all()

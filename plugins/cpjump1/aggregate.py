@@ -623,9 +623,82 @@ def run_aggregate(batch: str, plate: str, settings: Any, force: bool = False, th
                 f"(all NaN) in {', '.join(files[:3])}"
             )
         medians = medians[list(WELL_METADATA) + features]
-        write_profile(medians, profile, settings)
+
+        def validate(frame: pd.DataFrame) -> None:
+            # the profiles suite (expectations/profiles.json) on the level-1 profile
+            from cpjump1.profiles import validate_profiles
+
+            validate_profiles({(plate, "aggregated"): frame}, batch, settings, expected_wells={plate: len(frame)}, stage="aggregate")
+
+        write_profile(medians, profile, settings, validate=validate)
     storage.write_marker(marker_dir, fp, settings, stage="aggregate", cells=info["cells"], shards=info["shards"], seconds=round(time.time() - t0, 1))
     return outputs
+
+
+def load_for_validation(batch: str, plate: str, settings: Any) -> list:
+    """For ``cpjump1 validate --stage single_cell``: the analysis tables of every complete
+    shard, checked with the ``single_cell`` suite of the analysis stage (its expectations name
+    their table in ``meta.table``). Object tables are read with only the columns the suite
+    names; the ``features`` table (NaN fraction per compartment × feature) is computed by DuckDB,
+    so memory stays bounded by the suite's columns, not by the features."""
+    from cpjump1.cellprofiler import FEATURE_FAMILIES, SUITE, _named_columns
+    from cpjump1.validation import ValidationInput, load_suite
+
+    spec = load_suite(SUITE, settings)
+    by_table: dict[str, list[dict]] = {}
+    for e in spec["expectations"]:
+        by_table.setdefault((e.get("meta") or {}).get("table"), []).append(e)
+    suite_dir = Path(tempfile.mkdtemp(prefix="cpjump1-single-cell-suites-"))
+
+    def suite_file(table: str, shard: str) -> str:
+        # one suite file per table and shard, so each report keeps its own name
+        name = f"{SUITE}-{table}-{shard}"
+        path = suite_dir / f"{name}.json"
+        path.write_text(json.dumps({"name": name, "expectations": by_table[table], "meta": spec.get("meta", {})}))
+        return str(path)
+    copies = _LocalCopies(settings)
+    con = _connect(1, "512MB")
+    inputs = []
+    try:
+        for shard in list_shards(batch, plate, settings):
+            sch = shard_schema(shard, plate, settings)
+            for table in by_table:
+                if table == "features":
+                    rows = []
+                    for comp in COMPARTMENTS:
+                        feats = [c for c in sch.features[comp] if c.split("_", 1)[0] in FEATURE_FAMILIES]
+                        if not feats:
+                            continue
+                        path = copies.path(shard.files[comp])
+                        counts = ", ".join(f"count({_ident(c)})" for c in feats)
+                        types = ", ".join(f"{_sql_str(c)}: 'DOUBLE'" for c in feats)
+                        got = con.execute(
+                            f"SELECT count(*), {counts} FROM read_csv({_sql_str(path)}, header=true, "
+                            f"types={{{types}}}, nullstr=['', 'nan', 'NaN'])"
+                        ).fetchone()
+                        n = got[0]
+                        if n:
+                            rows += [{"compartment": comp, "feature": f, "nan_fraction": 1.0 - v / n} for f, v in zip(feats, got[1:], strict=True)]
+                    frame = pd.DataFrame(rows, columns=["compartment", "feature", "nan_fraction"])
+                    ids = ("compartment", "feature")
+                elif table in TABLE_FILES:
+                    named = _named_columns(by_table[table])
+                    header = _read_header(shard.files[table], settings)
+                    with storage.open_file(shard.files[table], "rb", settings) as fh:
+                        frame = pd.read_csv(fh, usecols=[c for c in header if c in named])
+                    ids = None
+                else:
+                    continue
+                inputs.append(
+                    ValidationInput(
+                        df=frame, parameters={"shard": shard.name, "table": table, "file": shard.files.get(table, shard.url)},
+                        suite=suite_file(table, shard.name), row_id_columns=ids,
+                    )
+                )
+    finally:
+        con.close()
+        copies.close()
+    return inputs
 
 
 @click.command("aggregate")

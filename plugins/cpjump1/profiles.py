@@ -440,11 +440,14 @@ def check_input(df: pd.DataFrame, batch: str, plate: str, source: str) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def qc_frame(df: pd.DataFrame, level: str, plate: str, expected_wells: int, allowed_all_nan: int, config: dict[str, Any]) -> pd.DataFrame:
+def qc_frame(
+    df: pd.DataFrame, level: str, plate: str, expected_wells: int, allowed_all_nan: int, config: dict[str, Any],
+    features: list[str] | None = None,
+) -> pd.DataFrame:
     """The table the ``profiles`` suite checks for one profile: its well and plate plus
     ``_qc_*`` columns (feature count, all-NaN features beyond those a zero MAD explains, missing
     required metadata, per-level row counts, |median| of the reference wells)."""
-    feats = features_of(df)
+    feats = list(features) if features is not None else features_of(df)
     n = len(df)
     out = pd.DataFrame(
         {
@@ -492,10 +495,12 @@ def validate_profiles(
     stage: str = "profiles",
     report_plate: str | None = None,
     raise_on_failure: bool = True,
+    features: list[str] | None = None,
 ):
     """Run the ``profiles`` suite once over the QC tables of several profiles.
 
-    ``frames`` maps (plate, level) → profile. Raises :class:`ValidationFailed` listing each
+    ``frames`` maps (plate, level) → profile; ``features`` names the feature columns when they
+    are not CellProfiler's (default: ``Cells_``/``Cytoplasm_``/``Nuclei_`` columns). Raises :class:`ValidationFailed` listing each
     failed expectation with example rows (level/plate/well) unless ``raise_on_failure`` is false.
     """
     from cpjump1.validation import run_suite
@@ -505,7 +510,8 @@ def validate_profiles(
     parts = []
     for (plate, level), df in frames.items():
         exp = (expected_wells or {}).get(plate, len(df))
-        parts.append(qc_frame(df, level, plate, exp, allowed_all_nan.get((plate, level), 0), config))
+        feats = [f for f in features if f in df.columns] if features is not None else None
+        parts.append(qc_frame(df, level, plate, exp, allowed_all_nan.get((plate, level), 0), config, feats))
     table = pd.concat(parts, ignore_index=True)
     plates = sorted({p for p, _ in frames})
     vcfg = config.get("validation", {})
