@@ -454,8 +454,8 @@ def well_medians(path: str | Path, features_per_chunk: int = FEATURES_PER_CHUNK,
 
     Equals ``pycytominer.aggregate(cells, strata=["Metadata_Plate", "Metadata_Well"],
     operation="median")`` (NaN skipped; the mean of the two middle values for even counts),
-    but reads one well and ``features_per_chunk`` features at a time, so memory does not grow
-    with the number of wells. Adds ``Metadata_Object_Count`` (cells) and ``Metadata_Site_Count``.
+    but reads one well at a time and takes medians ``features_per_chunk`` features at a time,
+    so memory does not grow with the number of wells. Adds ``Metadata_Object_Count`` (cells) and ``Metadata_Site_Count``.
     """
     pf = pq.ParquetFile(path)
     groups = well_row_groups(pf)
@@ -469,23 +469,25 @@ def well_medians(path: str | Path, features_per_chunk: int = FEATURES_PER_CHUNK,
 
     for w, well in enumerate(tqdm(wells, desc="well medians", unit="well", disable=None if progress else True)):
         rgs = groups[well]
-        keys = pf.read_row_groups(rgs, columns=["Metadata_Plate", "Metadata_Site"])
-        plates = pc.unique(keys.column("Metadata_Plate")).to_pylist()
+        # one read per well (pyarrow's per-call cost grows with the file's column count), then
+        # medians a chunk of features at a time: memory is one well, never the plate
+        table = pf.read_row_groups(rgs, columns=["Metadata_Plate", "Metadata_Site", *features])
+        plates = pc.unique(table.column("Metadata_Plate")).to_pylist()
         meta.append(
             {
                 "Metadata_Plate": plates[0],
                 "Metadata_Well": well,
-                "Metadata_Site_Count": len(pc.unique(keys.column("Metadata_Site"))),
-                "Metadata_Object_Count": keys.num_rows,
+                "Metadata_Site_Count": len(pc.unique(table.column("Metadata_Site"))),
+                "Metadata_Object_Count": table.num_rows,
             }
         )
         start = 0
         for cols in chunks:
-            block = pf.read_row_groups(rgs, columns=cols)
             # features × cells, each feature contiguous: the partition runs along rows
-            arr = np.stack([block.column(c).to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64, copy=False)
+            arr = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64, copy=False)
             out[w, start : start + len(cols)] = _row_medians(arr)
             start += len(cols)
+        del table
     frame = pd.concat([pd.DataFrame(meta), pd.DataFrame(out, columns=features)], axis=1)
     return frame
 
