@@ -547,7 +547,10 @@ def run_illum(
         run = run_cellprofiler(settings, pipe, data_file, out, scratch / LOG_NAME, len(table), what, progress)
         timing["cellprofiler"] = run.seconds
         if run.returncode != 0:
-            _raise_failure(run, local, ["Orig"], what, None, settings)
+            log_url = storage.join(out_dir, LOG_NAME)
+            storage.remove(storage.join(out_dir, storage.MARKER_NAME), settings)
+            storage.put_file(run.log_path, log_url, settings)
+            _raise_failure(run, local, ["Orig"], what, log_url, settings)
         t0 = time.perf_counter()
         files: dict[str, Path] = {}
         for name in sorted(expected):
@@ -722,6 +725,18 @@ def validation_tables(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame
     return out
 
 
+def _named_columns(expectations: list[dict]) -> set[str]:
+    names: set[str] = set()
+    for e in expectations:
+        kw = e.get("kwargs", {})
+        for key in ("column", "column_A", "column_B"):
+            if isinstance(kw.get(key), str):
+                names.add(kw[key])
+        for key in ("column_list", "column_set"):
+            names.update(kw.get(key) or [])
+    return names
+
+
 def validate_single_cells(
     tables: dict[str, pd.DataFrame], batch: str, plate: str, shard: int, settings: Settings
 ) -> list[Any]:
@@ -746,11 +761,15 @@ def validate_single_cells(
     reports, failed = [], []
     with tempfile.TemporaryDirectory(prefix="cpjump1-suite-") as tmp:
         for t, exps in by_table.items():
+            # Great Expectations' pandas engine copies the frame per metric: pass only the
+            # columns the expectations name (a missing one stays missing and fails).
+            named = _named_columns(exps)
+            frame = data[t][[c for c in data[t].columns if c in named]] if t != "features" else data[t]
             name = f"{SUITE}-{t}-shard-{shard:04d}"
             path = Path(tmp) / f"{name}.json"
             path.write_text(json.dumps({"name": name, "expectations": exps, "meta": spec.get("meta", {})}))
             rep = run_suite(
-                data[t], str(path), batch=batch, plate=plate, stage="analysis", settings=settings,
+                frame, str(path), batch=batch, plate=plate, stage="analysis", settings=settings,
                 extra_context={"shard": shard, "table": t}, raise_on_failure=False,
                 row_id_columns=("compartment", "feature") if t == "features" else None,
             )
