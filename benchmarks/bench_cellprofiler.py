@@ -86,7 +86,10 @@ def direct_cellprofiler(s, plate: str, pipeline_name: str, csv_name: str, workdi
     out = workdir / f"direct-{pipeline_name}"
     cmd = [s.cellprofiler_python, "-m", "cellprofiler", "-c", "-r", "-p", str(pipe), "--data-file", str(csv_path), "-o", str(out)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAVA_TOOL_OPTIONS=cp.JAVA_HEAP))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, JAVA_TOOL_OPTIONS=cp.JAVA_HEAP),
+        preexec_fn=cp._die_with_parent,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"direct CellProfiler failed:\n{proc.stderr[-3000:]}")
@@ -140,10 +143,10 @@ def jump_site_case(tmp: Path) -> dict | None:
     }
 
 
-def overhead_case(tmp: Path, wells: int, sites: int, shards: int) -> tuple[dict, dict]:
-    """The stage on every shard of a 256 px plate; CellProfiler by hand on shard 0's rows."""
+def overhead_case(tmp: Path, wells: int, sites: int, shards: int, size: int = 256) -> tuple[dict, dict]:
+    """The stage on every shard of a plate; CellProfiler by hand on shard 0's rows."""
     plate = "BR00117006"
-    s = make_plate(tmp / "ovh", plate, wells=wells, sites=sites, size=256, shards=shards)
+    s = make_plate(tmp / "ovh", plate, wells=wells, sites=sites, size=size, shards=shards)
     illum = cp.run_illum(BATCH, plate, s, progress=False)
     manifest = json.loads((Path(storage.Layout(s.storage_root).load_data_dir(BATCH, plate)) / "shards.json").read_text())
     direct = direct_cellprofiler(
@@ -166,7 +169,7 @@ def overhead_case(tmp: Path, wells: int, sites: int, shards: int) -> tuple[dict,
     validation = parts.get("validation", 0.0)
     plumbing = stage_wall - cp_wall - validation
     overhead = {
-        "sites": wells * sites, "shards": shards, "illum_wall_s": illum.seconds.get("total"),
+        "sites": wells * sites, "shards": shards, "size": size, "illum_wall_s": illum.seconds.get("total"),
         "direct_cp_wall_shard0_s": direct["wall"], "stage_wall_shard0_s": walls[0],
         "stage_vs_direct_shard0": walls[0] / direct["wall"],
         "stage_wall_s": stage_wall, "stage_cp_wall_s": cp_wall,
@@ -175,7 +178,7 @@ def overhead_case(tmp: Path, wells: int, sites: int, shards: int) -> tuple[dict,
         "parts_s": {k: round(v, 3) for k, v in parts.items()},
         "rerun_all_skipped": all(skipped), "rerun_s": rerun,
     }
-    return overhead, _row("synthetic 256 px (shard 0 of the overhead plate)", 8, 256, direct)
+    return overhead, _row(f"synthetic {size} px (shard 0 of the overhead plate)", 8, size, direct)
 
 
 def main(argv=None) -> int:
@@ -185,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ovh-wells", type=int, default=4)
     ap.add_argument("--ovh-sites", type=int, default=4, help="sites per well in the overhead case (wells x sites >= 16)")
     ap.add_argument("--ovh-shards", type=int, default=2)
+    ap.add_argument("--ovh-size", type=int, default=256, help="image size in the overhead case")
     ap.add_argument("--skip", nargs="*", default=["256"], choices=["256", "1080", "jump", "overhead"],
                     help="cases to leave out (default: the separate 256 px case; the overhead case measures 256 px)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_cellprofiler.json"))
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         os.chdir(tmp)
         if "overhead" not in args.skip:
-            overhead, row = overhead_case(tmp, args.ovh_wells, args.ovh_sites, args.ovh_shards)
+            overhead, row = overhead_case(tmp, args.ovh_wells, args.ovh_sites, args.ovh_shards, args.ovh_size)
             rows.append(row)
             save()
         if "256" not in args.skip:
