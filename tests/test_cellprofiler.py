@@ -187,13 +187,15 @@ def test_missing_load_data_is_a_clear_error(settings):
         cp.run_illum(BATCH, PLATE, settings)
 
 
-def test_missing_cellprofiler_environment_is_a_clear_error(settings):
+def test_missing_cellprofiler_environment_is_a_clear_error(settings, capsys):
     from cpjump1.cli import main
 
     _write_load_data(settings, rows=1)
     settings_file = Path(".env")
     settings_file.write_text(f"CPJUMP1_STORAGE_ROOT={settings.storage_root}\nCPJUMP1_CELLPROFILER_PYTHON=/nonexistent/python\n")
     assert main(["illum", "--batch", BATCH, "--plate", PLATE]) == 2
+    err = capsys.readouterr().err
+    assert "CellProfiler environment not found: /nonexistent/python" in err and "make cellprofiler-env" in err
 
 
 def test_feature_nan_table():
