@@ -38,7 +38,7 @@ from test_deepprofiler import BATCH, PLATE, write_fixture_plate  # noqa: E402
 
 from cpjump1 import deepprofiler as dp  # noqa: E402
 
-ALL_WELLS = ("A01", "A02", "A03", "A04", "A09", "A17", "B01", "B03")  # A02, A09, A17, B03: DMSO
+ALL_WELLS = ("A01", "A02", "A03", "A09", "A04", "A17", "B01", "B03")  # A02, A09, A17, B03: DMSO (negcon)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cells", type=int, default=30)
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args(argv)
-    wells = ALL_WELLS[: max(2, args.wells)]
+    wells = ALL_WELLS[: max(4, args.wells)]  # at least two negative controls for spherize
     tmp = Path(tempfile.mkdtemp(prefix="bench-dp-"))
     try:
         fixture = write_fixture_plate(tmp / "root", wells=wells, sites=args.sites, size=args.size, cells=args.cells)

@@ -203,6 +203,27 @@ def test_bad_images_name_the_file(tmp_path, bad, monkeypatch):
     assert not Path(storage.Layout(str(tmp_path)).deep_profiles_dir(BATCH, PLATE)).exists()
 
 
+def test_checkpoint_from_s3(tmp_path):
+    """The checkpoint is a configured artifact: an s3:// URL is fetched whole; a missing key
+    and a wrong suffix are clear errors."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from s3_server import client, make_bucket, moto_s3
+
+    with moto_s3() as endpoint:
+        make_bucket(endpoint, "models")
+        body = b"not really hdf5, fetched byte for byte"
+        client(endpoint).put_object(Bucket="models", Key="dp/ckpt.h5", Body=body)
+        settings = get_settings(storage_root=str(tmp_path), s3_endpoint_url=endpoint)
+        local, sha = dp.fetch_checkpoint("s3://models/dp/ckpt.h5", tmp_path / "stage", settings)
+        assert local.read_bytes() == body and sha == __import__("hashlib").sha256(body).hexdigest()
+        with pytest.raises(dp.CheckpointError, match="checkpoint not found: s3://models/dp/other.h5"):
+            dp.fetch_checkpoint("s3://models/dp/other.h5", tmp_path / "stage", settings)
+        with pytest.raises(dp.CheckpointError, match=r"ckpt\.weights\.h5: DeepProfiler needs a Keras-2 HDF5"):
+            dp.fetch_checkpoint("s3://models/dp/ckpt.weights.h5", tmp_path / "stage", settings)
+
+
 def test_no_complete_analysis_shard(tmp_path):
     fixture = write_fixture_plate(tmp_path, wells=("A01",), sites=1)
     layout = storage.Layout(str(tmp_path))
