@@ -30,7 +30,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import time
 import zlib
 from collections.abc import Iterable, Sequence
@@ -43,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from cpjump1 import metrics, storage
-from cpjump1.errors import InputDataError, MetadataError
+from cpjump1.errors import InputDataError
 
 log = logging.getLogger(__name__)
 
