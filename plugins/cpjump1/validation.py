@@ -405,8 +405,9 @@ def run_validation(stage: str, batch: str, plate: str, settings: Settings | None
 @click.option("--batch", required=True, help="Batch name.")
 @click.option("--plate", required=True, help="Plate barcode.")
 @click.option("--storage-root", default=None, help="Output root (default: settings).")
-def command(stage: str, batch: str, plate: str, storage_root: str | None) -> None:
+@click.option("--images-root", default=None, help="Images root (default: settings).")
+def command(stage: str, batch: str, plate: str, storage_root: str | None, images_root: str | None) -> None:
     """Run a stage's Great Expectations suite(s) on one plate's outputs; fail on any failure."""
-    settings = get_settings(storage_root=storage_root)
+    settings = get_settings(storage_root=storage_root, images_root=images_root)
     for report in run_validation(stage, batch, plate, settings):
         click.echo(report.summary())
