@@ -336,10 +336,11 @@ def test_profile_level_preference(tmp_path, catalog, settings):
     d2 = tmp_path / BATCH / "BR00117011"
     d2.mkdir(parents=True)
     (d2 / "BR00117011_normalized_feature_select_negcon_plate.csv.gz").write_text("x")
+    (d2 / "BR00117011_normalized_feature_select_negcon_plate.parquet").write_text("x")  # twin: preferred
     got = {s.plate: Path(s.url).name for s in discover_profiles([str(tmp_path)], "cellprofiler", settings, catalog)}
     assert got == {
         "BR00117010": "BR00117010_normalized_feature_select_negcon_batch.csv.gz",
-        "BR00117011": "BR00117011_normalized_feature_select_negcon_plate.csv.gz",
+        "BR00117011": "BR00117011_normalized_feature_select_negcon_plate.parquet",
     }
     deep = discover_profiles([str(tmp_path)], "deepprofiler", settings, catalog)
     assert [Path(s.url).name for s in deep] == ["BR00117010_spherized.csv.gz"]
@@ -369,3 +370,17 @@ def test_real_plates(tmp_path):
     assert pm.empty  # only compound plates are available: stated in the report, no number invented
     assert "Not computed" in (out / "report.md").read_text()
     assert pd.read_csv(out / "tables" / "issues.csv").empty
+
+
+def test_parquet_profiles_and_annotation_from_plate_map(synthetic_root, settings, tmp_path):
+    """Parquet twins are read; missing Metadata_broad_sample/control_type come from the plate map."""
+    for p in ("BR00117010", "BR00117011"):
+        df = pd.read_csv(next((synthetic_root / BATCH / p).glob("*.csv.gz")))
+        df = df.drop(columns=["Metadata_broad_sample", "Metadata_control_type"])
+        target = tmp_path / "pq" / BATCH / p / f"{p}_normalized_feature_select_negcon_batch.parquet"
+        target.parent.mkdir(parents=True)
+        df.to_parquet(target)
+    out = tmp_path / "bench"
+    _run([str(tmp_path / "pq")], out, settings, null_size=50)
+    pr = pd.read_csv(out / "tables" / "percent_replicating.csv").iloc[0]
+    assert pr["n_plates"] == 2 and pr["n_perturbations"] == 306 and pr["n_wells"] == 2 * (384 - 64)
