@@ -69,20 +69,32 @@ class Browser:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
 
-    def goto(self, url: str, settle: float = 8.0) -> None:
+    def goto(self, url: str, settle: float = 3.0, wait_for: str | None = None, timeout: float = 120) -> None:
+        """Open ``url``; wait until the page text contains ``wait_for`` (the UI renders late)."""
         self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        while wait_for and time.monotonic() < deadline:
+            text = self.js("document.body ? document.body.innerText : ''") or ""
+            if wait_for in text:
+                break
+            time.sleep(1)
         time.sleep(settle)
 
     def js(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True).get("result", {}).get("value")
 
-    def click_text(self, text: str, selector: str = "button, a, [role=button], [role=tab], summary") -> bool:
-        """Click the last matching element whose visible text starts with ``text``."""
+    def click_text(self, text: str, selector: str = "button, a, [role=button], [role=tab], summary",
+                   exact: bool = False) -> bool:
+        """Click the last matching element whose visible text starts with (or is) ``text``."""
+        cond = f"e.innerText.trim() === {json.dumps(text)}" if exact else f"e.innerText.trim().startsWith({json.dumps(text)})"
         return bool(self.js(
             f"(() => {{ const els = [...document.querySelectorAll({json.dumps(selector)})];"
-            f" const hits = els.filter(e => e.innerText && e.innerText.trim().startsWith({json.dumps(text)}));"
+            f" const hits = els.filter(e => e.innerText && {cond});"
             " if (hits.length) { hits[hits.length - 1].click(); return true; } return false; })()"
         ))
+
+    def resize(self, width: int, height: int) -> None:
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", format="png")["data"]
@@ -96,14 +108,48 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+def capture(base: str, run_id: str, out: Path) -> None:
+    """Grid view of ``run_id`` and the trigger form of the batch DAG, from a running Airflow
+    whose simple auth manager logs everybody in as admin (``all_admins``)."""
+    browser = Browser()
+    try:
+        browser.goto(f"{base}/auth/token/login?next={base}/dags/{DAG_ID}", wait_for="Trigger")
+        browser.goto(f"{base}/dags/{DAG_ID}/runs/{run_id}", wait_for="Task Instances")
+        time.sleep(5)
+        browser.screenshot(out / "airflow-grid.png")
+        browser.goto(f"{base}/dags/{DAG_ID}", wait_for="Trigger")
+        if not browser.click_text("Trigger"):
+            print("warning: no Trigger button found")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "What to run" not in (browser.js("document.body.innerText") or ""):
+            time.sleep(1)
+        time.sleep(4)
+        browser.screenshot(out / "airflow-trigger-form.png")
+    finally:
+        browser.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(repo_root() / "docs" / "img"))
+    parser.add_argument("--url", help="use this running Airflow (all_admins auth) instead of starting one")
+    parser.add_argument("--run-id", help="with --url: the run to show (default: the latest)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     from cpjump1.airflow.embedded import EmbeddedAirflow
+
+    if args.url:
+        with urllib.request.urlopen(f"{args.url}/auth/token") as r:
+            token = json.load(r)["access_token"]
+        req = urllib.request.Request(f"{args.url}/api/v2/dags/{DAG_ID}/dagRuns?order_by=-start_date&limit=1",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req) as r:
+            run_id = args.run_id or json.load(r)["dag_runs"][0]["dag_run_id"]
+        capture(args.url, run_id, out)
+        return 0
+
     from cpjump1.synthetic import run_synthesize
 
     with tempfile.TemporaryDirectory(prefix="cpjump1-screens-") as tmp:
@@ -115,22 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             af.wait_dag(DAG_ID)
             run = af.trigger_like_the_ui(DAG_ID, {"plates": list(PLATES), "stages": ["load_data"], "shards": 2})
             af.wait_run(DAG_ID, run["dag_run_id"])
-            browser = Browser()
-            try:
-                base = af.base
-                browser.goto(f"{base}/auth/token/login?next={base}/dags/{DAG_ID}", settle=4)
-                browser.goto(f"{base}/dags/{DAG_ID}/runs/{run['dag_run_id']}", settle=10)
-                if not browser.click_text("plate", selector="span, div, p, button"):
-                    print("warning: could not expand the plate group")
-                time.sleep(3)
-                browser.screenshot(out / "airflow-grid.png")
-                browser.goto(f"{base}/dags/{DAG_ID}", settle=10)
-                if not browser.click_text("Trigger"):
-                    print("warning: no Trigger button found")
-                time.sleep(5)
-                browser.screenshot(out / "airflow-trigger-form.png")
-            finally:
-                browser.close()
+            capture(af.base, run["dag_run_id"], out)
     return 0
 
 
