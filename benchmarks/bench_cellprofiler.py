@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     }
     rows = []
     overhead = None
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the cases run in a scratch folder (os.chdir below)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> dict:
