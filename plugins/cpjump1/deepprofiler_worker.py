@@ -226,7 +226,6 @@ def reference_features(root: str, config: str, exp: str, metadata: str, gpu: str
     _quiet_tf()
     import deepprofiler.dataset.pixels as dpx
     import h5py
-    import tensorflow as tf
 
     ctx = _dp_context(root, config, exp, metadata, gpu)
     cfg = ctx["config"]
@@ -256,7 +255,6 @@ def reference_features(root: str, config: str, exp: str, metadata: str, gpu: str
         written.append({"checkpoint": ckpt, "assigned_layers": assigned,
                         "npz": os.path.join(target, "{}/{}/{}.npz".format(
                             meta["Metadata_Plate"], meta["Metadata_Well"], meta["Metadata_Site"]))})
-    del tf
     return {"key": key, "outputs": written}
 
 
