@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_dir(".venvs/deepprofiler/bin/python")
     )
 
+    #: DeepProfiler model checkpoint (local path or s3:// URL). The Cell Painting CNN weights
+    #: cannot be downloaded here; tests and the demo build a small seeded checkpoint.
+    deepprofiler_checkpoint: str | None = None
+
     #: Kubernetes mode: image names and tag, namespace, service account, resources.
     image_registry: str = "ghcr.io/cpjump1"
     image_tag: str = "0.1.0"
