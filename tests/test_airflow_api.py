@@ -122,7 +122,8 @@ def test_failed_expectation_fails_the_run_at_its_validation_task(airflow_server)
     af = airflow_server
     from cpjump1.storage import Layout
 
-    path = Path(Layout(af.storage_root).load_data_dir(BATCH, PLATE)) / "load_data.csv"
+    # the CSV CellProfiler reads and `cpjump1 validate --stage load_data` checks
+    path = Path(Layout(af.storage_root).load_data_dir(BATCH, PLATE)) / "load_data_with_illum.csv"
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
     rows[0]["FileName_OrigDNA"] = ""  # a site without its DNA image: the suite must catch it
     buf = io.StringIO()
