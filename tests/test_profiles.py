@@ -314,3 +314,20 @@ def test_repeated_feature_selection_on_real_profiles_is_consistent(tmp_path):
     assert profiles.features_of(profiles.feature_select(combined, s, operations=["drop_na_columns", "blocklist"])) == before
     twice = profiles.features_of(profiles.feature_select(once, s))
     assert twice == kept
+
+
+def test_allow_missing_wells_is_remembered_by_validate(tmp_path):
+    """A plate profiled with --allow-missing-wells (a synthetic subset of the plate map) passes
+    `cpjump1 validate --stage profiles`, which reads the choice from the plate's marker; the
+    same data profiled without the option is refused."""
+    from cpjump1.cli import main
+
+    s = _settings(tmp_path / "data")
+    keep = lambda d: d[d.Metadata_Well.str[0].isin(list("ABCDEFGH"))].reset_index(drop=True)  # noqa: E731
+    write_level1(s, plates=["BR00117010"], n_features=30, mutate=keep)
+    args = ["--batch", BATCH, "--storage-root", s.storage_root]
+    assert main(["profiles", *args, "--plates", "BR00117010", "--step", "plate"]) == 2
+    assert main(["profiles", *args, "--plates", "BR00117010", "--step", "plate", "--allow-missing-wells"]) == 0
+    assert main(["validate", "--stage", "profiles", *args, "--plate", "BR00117010"]) == 0
+    item = profiles.load_for_validation(BATCH, "BR00117010", s)
+    assert set(item.df["Metadata_Well"].str[0]) <= set("ABCDEFGH")

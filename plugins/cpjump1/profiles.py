@@ -558,6 +558,11 @@ def load_for_validation(batch: str, plate: str, settings: Any):
     from cpjump1.validation import ValidationInput
 
     config = load_config(settings)
+    # Validate the plate as it was profiled: a run with --allow-missing-wells (a synthetic plate
+    # with a subset of the plate map) recorded that in its marker.
+    plate_marker = _read_marker(_marker_url(settings, batch, plate, PLATE_MARKER), settings) or {}
+    if plate_marker.get("require_all_wells") is False:
+        config["annotate"]["require_all_wells"] = False
     frames, allowed = {}, {}
     for level in LEVELS:
         url = level_url(settings, batch, plate, level)
@@ -768,7 +773,10 @@ def run_plate(batch: str, plate: str, settings: Any, config: dict[str, Any] | No
         write_profile(df, outputs[lv], settings, fmt, compresslevel=level)
     if "quality_control" in steps:
         outputs.update({f"qc_{k}": v for k, v in quality_control(frames["augmented"], batch, plate, storage.Layout(settings.storage_root).profiles_dir(batch, plate), settings, config).items()})
-    _write_marker(marker, fp, settings, stage="profiles/plate", levels=levels, seconds=round(time.time() - t0, 2))
+    _write_marker(
+        marker, fp, settings, stage="profiles/plate", levels=levels, seconds=round(time.time() - t0, 2),
+        require_all_wells=bool(config["annotate"].get("require_all_wells", True)),
+    )
     log.info("plate %s/%s: %s in %.1f s", batch, plate, ", ".join(levels), time.time() - t0)
     return outputs
 
