@@ -89,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)  # before Airflow is imported, and for the stage subprocesses
     settings = get_settings()
 
+    from cpjump1.catalog import load_catalog
     from cpjump1.synthetic import run_synthesize
 
+    cat = load_catalog(settings.metadata_dir)
+    print(f"catalog: {len(cat.batches)} batches, {len(cat.all_plates())} plates (`cpjump1 catalog` lists them)")
+    for plate in DEMO_PLATES:
+        rec = cat.plate(DEMO_BATCH, plate)
+        print(f"  {rec.key}: {rec.description} ({rec.perturbation}, plate map {rec.plate_map})")
     for plate in DEMO_PLATES:
         folder = run_synthesize(
             DEMO_BATCH, plate, settings, wells=args.wells, sites=args.sites, size=args.size, seed=0
