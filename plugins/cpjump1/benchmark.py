@@ -277,7 +277,7 @@ def load_plate(source: ProfileSource, settings: Any, catalog: Any) -> PlateProfi
         negcon |= meta["Metadata_broad_sample"] == ""
     meta["is_negcon"] = negcon.to_numpy(bool)
     meta["is_treated"] = (~negcon & (meta["Metadata_broad_sample"] != "")).to_numpy(bool)
-    values = df[feat_cols].to_numpy(np.float32)
+    values = df[feat_cols].to_numpy(np.float32, copy=True)  # Arrow-backed frames can give read-only views
     values[~np.isfinite(values)] = np.nan
     X = pd.DataFrame(values, columns=feat_cols)
     return PlateProfiles(source, meta.reset_index(drop=True), X)
