@@ -622,9 +622,12 @@ def file_problems(table: pd.DataFrame, settings: Settings, listing: dict[str, di
             to_check = []
     # plain string joins: pathlib per file costs more than reading the header
     urls = [f"{p.rstrip('/')}/{f}" if storage.is_remote(p) else os.path.join(p, f) for _, f, p, _ in to_check]
-    workers = 8 if remote else 4
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda a: _check_one(a[0], a[1], settings), zip(urls, [s for *_, s in to_check])))
+    sizes = [s for *_, s in to_check]
+    if remote:  # network latency: overlap the requests
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda a: _check_one(a[0], a[1], settings), zip(urls, sizes)))
+    else:  # page-cache reads of one block: a thread pool's per-task cost exceeds the read
+        results = [_check_one(u, n, settings) for u, n in zip(urls, sizes)]
     for (i, fname, _, _), res in zip(to_check, results):
         if res is not None:
             problems.setdefault(i, []).append(f"{fname}: {res}")

@@ -51,7 +51,8 @@ def join(root: str, *parts: str) -> str:
 
 
 def basename(url: str) -> str:
-    return posixpath.basename(url.rstrip("/")) if is_remote(url) else Path(url).name
+    # os.path rather than pathlib: called once per image on 27648-image plates
+    return posixpath.basename(url.rstrip("/")) if is_remote(url) else os.path.basename(url.rstrip(os.sep) or url)
 
 
 def parent(url: str) -> str:
@@ -98,6 +99,8 @@ def exists(url: str, settings: Any = None) -> bool:
 
 def listdir(url: str, settings: Any = None, detail: bool = False) -> list:
     """Names (full URLs/paths) directly under ``url``; ``[]`` when it does not exist."""
+    if not is_remote(url) and detail:
+        return _local_ls(url)
     fs, path = filesystem(url, settings)
     retries = getattr(settings, "storage_retries", 3)
 
@@ -114,6 +117,26 @@ def listdir(url: str, settings: Any = None, detail: bool = False) -> list:
     if is_remote(url):
         return [f"{proto}://{e}" for e in entries]
     return list(entries)
+
+
+def _local_ls(url: str) -> list[dict]:
+    """``fs.ls(detail=True)`` for a local folder with one ``os.scandir`` pass: the same keys
+    the callers use (name, size, type, mtime); fsspec's local ``ls`` calls ``info`` per entry,
+    which costs ~0.7 s on a 27648-image folder, this ~0.05 s."""
+    folder = os.path.abspath(url.removeprefix("file://"))
+    out = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                try:
+                    st = e.stat()
+                except FileNotFoundError:  # removed while listing
+                    continue
+                kind = "directory" if e.is_dir() else "file" if e.is_file() else "other"
+                out.append({"name": e.path, "size": st.st_size, "type": kind, "mtime": st.st_mtime})
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return out
 
 
 def open_file(url: str, mode: str = "rb", settings: Any = None, **kwargs) -> IO:
