@@ -189,3 +189,87 @@ def test_validate_single_cell_stage_reads_the_shards(settings):
     assert ("shard-0000", "Image") in tables and ("shard-0001", "features") in tables
     feats = next(i.df for i in items if i.parameters["table"] == "features")
     assert len(feats) > 0 and (feats["nan_fraction"] == 0).all()
+
+
+def _with_nans(path, out, seed=0):
+    """A copy of a single-cell file with NaN sprinkled over features (one feature NaN in a whole
+    well), written by plain pandas (snappy, nullable columns: not the stage's layout)."""
+    cells = pd.read_parquet(path)
+    feats = [c for c in cells.columns if aggregate.is_feature(c)]
+    rng = np.random.default_rng(seed)
+    x = cells[feats].to_numpy(copy=True)
+    x[rng.random(x.shape) < 0.05] = np.nan
+    x[(cells["Metadata_Well"] == WELLS[1]).to_numpy(), 3] = np.nan
+    cells[feats] = x
+    cells.to_parquet(out, index=False)
+    return cells, feats
+
+
+def test_well_medians_raw_layout_and_fallback_equal_pycytominer(tmp_path):
+    """The stage's layout is read by the raw fast path; another writer's file (compressed,
+    nullable columns, one row group) through pyarrow; both give pycytominer's medians, NaN
+    skipped, odd and even cell counts."""
+    import pyarrow.parquet as pq
+    import pycytominer
+
+    for cps, sites in ((7, 2), (5, 3)):  # 14 (even) and 15 (odd) cells per well
+        path = tmp_path / f"cells_{cps}.parquet"
+        aggregate.write_synthetic_single_cells(path, PLATE, WELLS, sites=sites, cells_per_site=cps, n_features=40, seed=2)
+        pf = pq.ParquetFile(path)
+        feats = [c for c in pf.schema_arrow.names if aggregate.is_feature(c)]
+        reader = aggregate._WellReader(path, pf, feats)
+        assert reader.raw and reader._raw_group(0) is not None
+        reader.close()
+        assert all(not pf.schema_arrow.field(c).nullable for c in feats)
+        cells = pd.read_parquet(path)
+        ref = pycytominer.aggregate(cells, operation="median")
+        for threads in (1, 2):
+            ours = aggregate.well_medians(path, features_per_chunk=6, progress=False, threads=threads)
+            np.testing.assert_array_equal(ours[feats].to_numpy(), ref[feats].to_numpy())
+
+        foreign = tmp_path / f"foreign_{cps}.parquet"
+        cells, feats = _with_nans(path, foreign)
+        reader = aggregate._WellReader(foreign, pq.ParquetFile(foreign), feats)
+        assert not reader.raw
+        reader.close()
+        ref = pycytominer.aggregate(cells, operation="median")
+        with pytest.raises(InputDataError, match="not one well"):
+            aggregate.well_medians(foreign, progress=False)  # pandas wrote all wells in one row group
+        one_well_groups = tmp_path / f"grouped_{cps}.parquet"
+        import pyarrow as pa
+
+        table = pa.Table.from_pandas(cells, preserve_index=False)
+        with pq.ParquetWriter(one_well_groups, table.schema, compression="zstd") as w:
+            for well in WELLS:
+                w.write_table(table.filter(pa.compute.equal(table["Metadata_Well"], well)))
+        ours = aggregate.well_medians(one_well_groups, progress=False)
+        got, want = ours[feats].to_numpy(), ref[feats].to_numpy()
+        np.testing.assert_array_equal(got, want)
+        assert np.isnan(got[1, 3]) and not np.isnan(got[0, 3])
+
+
+def test_stage_writes_required_nan_features_and_medians_in_the_same_pass(settings):
+    """Missing CellProfiler values (empty / nan in the CSV, NULL in DuckDB) are NaN in the
+    single-cell file, whose features are required float64 in the raw-readable layout; the
+    medians taken while writing equal those of the written file read back."""
+    import pyarrow.parquet as pq
+
+    folder, names = make_shards(settings, shards=2)
+    path = folder / "shard-0000" / "Nuclei.csv"
+    df = pd.read_csv(path)
+    df.loc[::3, names["Nuclei"][1]] = np.nan
+    df.to_csv(path, index=False, na_rep="")
+    out = aggregate.run_aggregate(BATCH, PLATE, settings)
+    pf = pq.ParquetFile(out["single_cells"])
+    feats = [c for c in pf.schema_arrow.names if aggregate.is_feature(c)]
+    assert all(not pf.schema_arrow.field(c).nullable for c in feats)
+    assert pf.metadata.row_group(0).column(len(aggregate.SINGLE_CELL_METADATA)).compression == "UNCOMPRESSED"
+    cells = pd.read_parquet(out["single_cells"])
+    assert cells[f"Nuclei_{names['Nuclei'][1]}"].isna().sum() > 0
+    reader = aggregate._WellReader(out["single_cells"], pf, feats)
+    assert reader.raw and reader._raw_group(0) is not None
+    reader.close()
+    again = aggregate.well_medians(out["single_cells"], progress=False)
+    prof = pd.read_csv(out["profile"])
+    for f in feats:
+        assert prof[f].tolist() == [float("%.5g" % v) for v in again[f]]

@@ -46,8 +46,10 @@ import heapq
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -97,21 +99,52 @@ WELL_METADATA = (
     "Metadata_Object_Count",
 )
 WELLS_KEY = b"cpjump1.wells"
-#: single-cell Parquet: snappy, dictionaries and statistics only for the metadata columns
-#: (dictionary attempts and min/max statistics on thousands of float columns cost more than
-#: they give; readers find a well's row groups through the WELLS_KEY metadata)
+#: single-cell Parquet layout (see DATA_CONTRACTS.md "aggregate"): features are required
+#: (non-nullable) float64 with a missing value stored as NaN, uncompressed, PLAIN-encoded, one
+#: v1 data page per column chunk, no statistics; dictionaries and statistics only for the
+#: metadata columns. Float64 measurements barely compress (snappy/zstd burn CPU on every read
+#: for a few per cent), and this layout lets :class:`_WellReader` read a well's feature block
+#: with one read instead of decoding thousands of column chunks one by one. Readers find a
+#: well's row groups through the WELLS_KEY metadata.
 PARQUET_OPTIONS = {
-    "compression": "snappy",
+    "compression": "none",
     "use_dictionary": ["Metadata_Plate", "Metadata_Well", "Metadata_Shard"],
     "write_statistics": ["Metadata_Plate", "Metadata_Well", "Metadata_Site"],
+    "data_page_version": "1.0",
+    "data_page_size": 1 << 30,
+    "max_rows_per_page": 1 << 30,
 }
+#: rows of a row group at most (a well with more cells spans several row groups)
+ROW_GROUP_ROWS = 65536
 FEATURES_PER_CHUNK = 384
-VERSION = "aggregate-1"
+VERSION = "aggregate-2"
 
 
 def is_feature(column: str) -> bool:
     """pycytominer's feature inference: a column of one of the three compartments."""
     return column.split("_", 1)[0] in COMPARTMENTS and "_" in column
+
+
+def single_cell_schema(schema: pa.Schema) -> pa.Schema:
+    """The single-cell file's schema for ``schema``'s columns: features required float64."""
+    fields = [pa.field(f.name, pa.float64(), nullable=False) if is_feature(f.name) else f for f in schema]
+    return pa.schema(fields)
+
+
+def as_single_cell_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` in :func:`single_cell_schema` form: missing feature values (NULL) become NaN."""
+    arrays = []
+    for f in schema:
+        col = batch.column(f.name)
+        if is_feature(f.name):
+            if col.type != pa.float64():
+                col = col.cast(pa.float64())
+            if col.null_count:
+                col = pc.fill_null(col, np.nan)
+        elif col.type != f.type:
+            col = col.cast(f.type)
+        arrays.append(col)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 # --------------------------------------------------------------------------- shards
@@ -315,7 +348,8 @@ def build_single_cells(
 ) -> dict[str, Any]:
     """Join every complete shard's tables and write the plate's single cells to ``out_path``.
 
-    Returns a summary (shards, cells, features, per-well image counts). Raises
+    Returns a summary (shards, cells, features, per-well image counts, row groups per well and
+    the well medians taken while writing, see :func:`_merge_by_well`). Raises
     :class:`InputDataError` naming the plate and the file for missing tables or columns, a
     plate barcode that differs from ``plate``, or shards whose feature columns differ.
     """
@@ -358,18 +392,38 @@ def build_single_cells(
                 raise InputDataError(f"plate {batch}/{plate}: shard {shard.name} ({shard.url}): {exc}") from exc
             shard_files.append(target)
         images = pd.concat(image_frames, ignore_index=True)
-        n_cells, well_groups, schema = _merge_by_well(shard_files, out_path, plate)
+        n_cells, well_groups, schema, medians = _merge_by_well(shard_files, out_path, plate, threads=threads)
     finally:
         con.close()
         copies.close()
         shutil.rmtree(scratch, ignore_errors=True)
     features = [f for f in schema.names if is_feature(f)]
-    return {"shards": [s.name for s in shards], "cells": n_cells, "features": len(features), "images": images, "wells": well_groups}
+    return {
+        "shards": [s.name for s in shards],
+        "cells": n_cells,
+        "features": len(features),
+        "images": images,
+        "wells": well_groups,
+        "medians": medians,
+    }
 
 
-def _merge_by_well(shard_files: list[Path], out_path: Path, plate: str) -> tuple[int, dict[str, list[int]], pa.Schema]:
-    """k-way merge of well-sorted shard files into one file whose row groups never span wells."""
-    schema = pq.read_schema(shard_files[0])
+def _merge_by_well(
+    shard_files: list[Path], out_path: Path, plate: str, threads: int | None = None, progress: bool = True
+) -> tuple[int, dict[str, list[int]], pa.Schema, pd.DataFrame]:
+    """k-way merge of well-sorted shard files into one file whose row groups never span wells.
+
+    The well medians are taken in the same pass, from the rows of each well while they are in
+    memory (the numbers :func:`well_medians` gives for the written file), so the stage never
+    reads the single-cell file back. Memory: one well (its Arrow rows and one float64 copy of
+    its features) plus a record batch per shard.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    schema = single_cell_schema(pq.read_schema(shard_files[0]))
+    features = [c for c in schema.names if is_feature(c)]
     iters = [_batches_by_well(p) for p in shard_files]
     heap: list[tuple[str, int, pa.RecordBatch]] = []
     for i, it in enumerate(iters):
@@ -378,40 +432,52 @@ def _merge_by_well(shard_files: list[Path], out_path: Path, plate: str) -> tuple
             heap.append((first[0], i, first[1]))
     heapq.heapify(heap)
     well_groups: dict[str, list[int]] = {}
+    meta: list[dict[str, Any]] = []
+    values: list[np.ndarray] = []
     n_cells = 0
     group = 0
     pending: list[pa.RecordBatch] = []
-    pending_rows = 0
     current: str | None = None
+    threads = threads or _default_threads()
+    bar = tqdm(desc=f"{plate} wells", unit="well", disable=None if progress else True)
 
-    def flush(writer):
-        nonlocal pending, pending_rows, group
-        if pending:
-            table = pa.Table.from_batches(pending, schema=schema)
-            writer.write_table(table, row_group_size=max(1, table.num_rows))
-            well_groups.setdefault(current, []).append(group)
-            group += 1
-            pending, pending_rows = [], 0
+    def flush(writer, pool):
+        nonlocal pending, group
+        if not pending:
+            return
+        table = pa.Table.from_batches(pending, schema=schema)
+        pending = []
+        arr = np.empty((len(features), table.num_rows))
+        for j, c in enumerate(features):
+            arr[j] = table.column(c).to_numpy()
+        medians = pool.submit(_parallel_row_medians, arr, pool if threads > 1 else None, FEATURES_PER_CHUNK)
+        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)  # overlaps the medians
+        parts = -(-table.num_rows // ROW_GROUP_ROWS)
+        well_groups[current] = list(range(group, group + parts))
+        group += parts
+        meta.append(_meta_of(table, current))
+        values.append(medians.result())
+        bar.update()
 
-    with pq.ParquetWriter(out_path, schema, **PARQUET_OPTIONS) as writer:
-        while heap:
-            well, i, rb = heapq.heappop(heap)
-            if well != current:
-                flush(writer)
-                current = well
-            pending.append(rb.cast(schema) if rb.schema != schema else rb)
-            pending_rows += rb.num_rows
-            n_cells += rb.num_rows
-            if pending_rows >= 65536:
-                flush(writer)
-            nxt = next(iters[i], None)
-            if nxt is not None:
-                heapq.heappush(heap, (nxt[0], i, nxt[1]))
-        flush(writer)
-        writer.add_key_value_metadata({WELLS_KEY: json.dumps(well_groups).encode()})
+    try:
+        with pq.ParquetWriter(out_path, schema, **PARQUET_OPTIONS) as writer, ThreadPoolExecutor(max_workers=threads + 1) as pool:
+            while heap:
+                well, i, rb = heapq.heappop(heap)
+                if well != current:
+                    flush(writer, pool)
+                    current = well
+                pending.append(as_single_cell_batch(rb, schema))
+                n_cells += rb.num_rows
+                nxt = next(iters[i], None)
+                if nxt is not None:
+                    heapq.heappush(heap, (nxt[0], i, nxt[1]))
+            flush(writer, pool)
+            writer.add_key_value_metadata({WELLS_KEY: json.dumps(well_groups).encode()})
+    finally:
+        bar.close()
     if n_cells == 0:
         raise InputDataError(f"plate {plate}: the analysis shards hold no cells (no cytoplasm joined to cells and nuclei)")
-    return n_cells, well_groups, schema
+    return n_cells, well_groups, schema, _medians_frame(meta, values, features)
 
 
 def well_row_groups(pf: pq.ParquetFile) -> dict[str, list[int]]:
@@ -429,67 +495,301 @@ def well_row_groups(pf: pq.ParquetFile) -> dict[str, list[int]]:
     return out
 
 
-# --------------------------------------------------------------------------- medians
 
 
-def _row_medians(arr: np.ndarray) -> np.ndarray:
-    """Row medians skipping NaN (np.median's partition for complete rows, nanmedian only for
-    the rows that have NaN); NaN for a row without values."""
-    nan_rows = np.isnan(arr).any(axis=1)
-    if not nan_rows.any():
-        return np.median(arr, axis=1)
-    out = np.empty(arr.shape[0])
-    if (~nan_rows).any():
-        out[~nan_rows] = np.median(arr[~nan_rows], axis=1)
-    import warnings
+def _row_medians(arr: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Medians of the rows of a 2-D float64 array, NaN skipped; NaN for a row without values.
 
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out[nan_rows] = np.nanmedian(arr[nan_rows], axis=1)
+    The numbers of ``np.median`` (and of pandas' / pycytominer's median): for ``n`` values the
+    ``n // 2``-th smallest, and for even ``n`` the mean ``(a + b) / 2`` of it and the largest
+    value below it. One selection per row (``np.partition`` with a single ``kth``, which NumPy
+    runs with its SIMD quickselect) plus a ``max`` over each half, instead of the three
+    selections ``np.median`` asks for. The partition orders NaN last, so a row has a NaN exactly
+    when the maximum of its upper half is NaN; those rows go through ``np.nanmedian``.
+    ``overwrite=True`` partitions ``arr`` in place (no copy).
+    """
+    rows, n = arr.shape
+    if rows == 0 or n == 0:
+        return np.full(rows, np.nan)
+    work = arr if overwrite else arr.copy()
+    h = n // 2
+    work.partition(h, axis=1)
+    upper = work[:, h].copy()
+    nan_rows = np.isnan(work[:, h:].max(axis=1))
+    if n % 2:
+        out = upper
+    else:
+        out = (work[:, :h].max(axis=1) + upper) / 2
+    if nan_rows.any():
+        import warnings
+
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[nan_rows] = np.nanmedian(work[nan_rows], axis=1)
     return out
 
 
-def well_medians(path: str | Path, features_per_chunk: int = FEATURES_PER_CHUNK, progress: bool = True) -> pd.DataFrame:
+def _parallel_row_medians(arr: np.ndarray, pool: Any | None, features_per_chunk: int) -> np.ndarray:
+    """:func:`_row_medians` of ``arr`` (features × cells, owned: partitioned in place), in
+    feature chunks spread over ``pool``'s threads (NumPy releases the GIL while partitioning)."""
+    bounds = list(range(0, arr.shape[0], max(1, features_per_chunk))) + [arr.shape[0]]
+    parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    if pool is None or len(parts) < 2:
+        return np.concatenate([_row_medians(arr[a:b], overwrite=True) for a, b in parts]) if parts else np.full(0, np.nan)
+    futures = [pool.submit(_row_medians, arr[a:b], True) for a, b in parts]
+    return np.concatenate([f.result() for f in futures])
+
+
+def _default_threads() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
+
+
+# Parquet compact-protocol reading of one data page header (enough to check the layout the
+# raw reader relies on; https://github.com/apache/parquet-format, PageHeader / DataPageHeader).
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _zigzag(v: int) -> int:
+    return (v >> 1) ^ -(v & 1)
+
+
+def _skip(buf: bytes, pos: int, ctype: int) -> int:
+    if ctype in (1, 2):  # bool true / false (in a struct field header)
+        return pos
+    if ctype == 3:
+        return pos + 1
+    if ctype in (4, 5, 6):
+        return _varint(buf, pos)[1]
+    if ctype == 7:
+        return pos + 8
+    if ctype == 8:
+        size, pos = _varint(buf, pos)
+        return pos + size
+    if ctype in (9, 10):
+        head = buf[pos]
+        pos += 1
+        size, etype = head >> 4, head & 0x0F
+        if size == 15:
+            size, pos = _varint(buf, pos)
+        for _ in range(size):
+            pos = _skip(buf, pos, 3 if etype in (1, 2) else etype)
+        return pos
+    if ctype == 12:
+        return _struct(buf, pos, lambda fid, ct, p: _skip(buf, p, ct))
+    raise ValueError(f"thrift type {ctype}")
+
+
+def _struct(buf: bytes, pos: int, field) -> int:
+    last = 0
+    while True:
+        head = buf[pos]
+        pos += 1
+        if head == 0:
+            return pos
+        delta, ctype = head >> 4, head & 0x0F
+        if delta:
+            fid = last + delta
+        else:
+            raw, pos = _varint(buf, pos)
+            fid = _zigzag(raw)
+        last = fid
+        pos = field(fid, ctype, pos)
+
+
+def _page_header(buf: bytes) -> tuple[int, dict[str, int]]:
+    """(header length, fields) of a Parquet page header at the start of ``buf``."""
+    out: dict[str, int] = {}
+    names = {1: "type", 2: "uncompressed", 3: "compressed", 4: "crc"}
+
+    def page(fid: int, ctype: int, pos: int) -> int:
+        if fid in names and ctype == 5:
+            v, pos = _varint(buf, pos)
+            out[names[fid]] = _zigzag(v)
+            return pos
+        if fid == 5 and ctype == 12:  # DataPageHeader (v1)
+            return _struct(buf, pos, data)
+        out.setdefault("other", fid)
+        return _skip(buf, pos, ctype)
+
+    def data(fid: int, ctype: int, pos: int) -> int:
+        if fid in (1, 2) and ctype == 5:
+            v, pos = _varint(buf, pos)
+            out["num_values" if fid == 1 else "encoding"] = _zigzag(v)
+            return pos
+        if fid == 5:
+            out["statistics"] = 1
+        return _skip(buf, pos, ctype)
+
+    end = _struct(buf, 0, page)
+    return end, out
+
+
+class _WellReader:
+    """Reads the feature columns of one well of a single-cell file as a (features × cells)
+    float64 array.
+
+    Fast path for the layout :func:`single_cell_schema` / :data:`PARQUET_OPTIONS` write (features
+    required ``DOUBLE``, uncompressed, PLAIN, one v1 data page per column chunk, the feature
+    columns stored one after the other in schema order): the row group's feature block is read
+    with one ``pread`` and viewed as a strided (features × cells) array, after checking that
+    every column chunk starts where that layout puts it and carries the same page header. Any
+    other layout (another writer, compression, nullable columns, split pages) is read through
+    ``pyarrow`` instead, with the same result.
+    """
+
+    def __init__(self, path: str | Path, pf: pq.ParquetFile, features: list[str]):
+        self.path = str(path)
+        self.pf = pf
+        self.features = features
+        position = {c: i for i, c in enumerate(pf.schema_arrow.names)}
+        self.index = [position[c] for c in features]
+        md = pf.metadata
+        self.raw = bool(self.index) and self.index == list(range(self.index[0], self.index[0] + len(self.index)))
+        if self.raw:
+            for i in self.index:
+                col = pf.schema.column(i)
+                if col.physical_type != "DOUBLE" or col.max_definition_level or col.max_repetition_level:
+                    self.raw = False
+                    break
+        if self.raw and md.num_row_groups:
+            rg = md.row_group(0)
+            self.raw = all(rg.column(i).compression == "UNCOMPRESSED" for i in self.index)
+        self.fh = open(self.path, "rb") if self.raw else None
+        self.buffer: bytearray | None = None
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+    def _raw_group(self, g: int) -> np.ndarray | None:
+        rg = self.pf.metadata.row_group(g)
+        n, k = rg.num_rows, len(self.index)
+        first, last = rg.column(self.index[0]), rg.column(self.index[-1])
+        if first.compression != "UNCOMPRESSED" or last.compression != "UNCOMPRESSED" or first.has_dictionary_page:
+            return None
+        size = first.total_compressed_size
+        if size != last.total_compressed_size or last.data_page_offset != first.data_page_offset + (k - 1) * size:
+            return None
+        with self.lock:  # one read buffer, reused: no fresh pages to fault in for every well
+            if self.buffer is None or len(self.buffer) < size * k:
+                self.buffer = bytearray(size * k)
+            buf = memoryview(self.buffer)[: size * k]
+            if os.preadv(self.fh.fileno(), [buf], first.data_page_offset) != size * k:
+                return None
+            return self._unpack(buf, n, k, size)
+
+    @staticmethod
+    def _unpack(buf: memoryview, n: int, k: int, size: int) -> np.ndarray | None:
+        try:
+            hl, head = _page_header(buf)
+        except (IndexError, ValueError):
+            return None
+        if (
+            head.get("type") != 0  # DATA_PAGE (v1)
+            or head.get("encoding") != 0  # PLAIN
+            or head.get("num_values") != n
+            or head.get("compressed") != 8 * n
+            or head.get("uncompressed") != 8 * n
+            or hl + 8 * n != size
+            or "crc" in head
+        ):
+            return None
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        heads = np.lib.stride_tricks.as_strided(raw, shape=(k, hl), strides=(size, 1))
+        if not (heads == raw[:hl]).all():
+            return None
+        view = np.ndarray((k, n), dtype="<f8", buffer=buf, offset=hl, strides=(size, 8))
+        return np.array(view, dtype=np.float64, order="C")
+
+    def read(self, groups: list[int]) -> np.ndarray:
+        parts = []
+        for g in groups:
+            arr = self._raw_group(g) if self.raw else None
+            if arr is None:
+                table = self.pf.read_row_group(g, columns=self.features)
+                arr = np.empty((len(self.features), table.num_rows))
+                for j, col in enumerate(table.columns):
+                    arr[j] = col.to_numpy(zero_copy_only=False)
+            parts.append(arr)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _well_meta(pf: pq.ParquetFile, well: str, groups: list[int]) -> dict[str, Any]:
+    table = pf.read_row_groups(groups, columns=["Metadata_Plate", "Metadata_Site"])
+    return _meta_of(table, well)
+
+
+def _meta_of(table: pa.Table, well: str) -> dict[str, Any]:
+    plates = pc.unique(table.column("Metadata_Plate")).to_pylist()
+    return {
+        "Metadata_Plate": plates[0],
+        "Metadata_Well": well,
+        "Metadata_Site_Count": len(pc.unique(table.column("Metadata_Site"))),
+        "Metadata_Object_Count": table.num_rows,
+    }
+
+
+def _medians_frame(meta: list[dict[str, Any]], values: list[np.ndarray], features: list[str]) -> pd.DataFrame:
+    out = np.vstack(values) if values else np.empty((0, len(features)))
+    return pd.concat([pd.DataFrame(meta, columns=["Metadata_Plate", "Metadata_Well", "Metadata_Site_Count", "Metadata_Object_Count"]), pd.DataFrame(out, columns=features)], axis=1)
+
+
+def well_medians(
+    path: str | Path,
+    features_per_chunk: int = FEATURES_PER_CHUNK,
+    progress: bool = True,
+    threads: int | None = None,
+) -> pd.DataFrame:
     """Per-well feature medians of a single-cell Parquet file, streamed well by well.
 
     Equals ``pycytominer.aggregate(cells, strata=["Metadata_Plate", "Metadata_Well"],
     operation="median")`` (NaN skipped; the mean of the two middle values for even counts),
-    but reads one well at a time and takes medians ``features_per_chunk`` features at a time,
-    so memory does not grow with the number of wells. Adds ``Metadata_Object_Count`` (cells) and ``Metadata_Site_Count``.
+    but holds at most two wells in memory (the one whose medians are taken and the next one,
+    read ahead in a background thread): memory does not grow with the number of wells or
+    cells of the plate. A well's features are read as one (features × cells) array
+    (:class:`_WellReader`), and the medians run ``features_per_chunk`` features per task on
+    ``threads`` threads (default: the usable cores, at most 4). Adds ``Metadata_Object_Count``
+    (cells) and ``Metadata_Site_Count``.
     """
-    pf = pq.ParquetFile(path)
-    groups = well_row_groups(pf)
-    names = pf.schema_arrow.names
-    features = [c for c in names if is_feature(c)]
-    chunks = [features[i : i + features_per_chunk] for i in range(0, len(features), features_per_chunk)]
-    wells = sorted(groups)
-    out = np.full((len(wells), len(features)), np.nan)
-    meta = []
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    for w, well in enumerate(tqdm(wells, desc="well medians", unit="well", disable=None if progress else True)):
-        rgs = groups[well]
-        # one read per well (pyarrow's per-call cost grows with the file's column count), then
-        # medians a chunk of features at a time: memory is one well, never the plate
-        table = pf.read_row_groups(rgs, columns=["Metadata_Plate", "Metadata_Site", *features])
-        plates = pc.unique(table.column("Metadata_Plate")).to_pylist()
-        meta.append(
-            {
-                "Metadata_Plate": plates[0],
-                "Metadata_Well": well,
-                "Metadata_Site_Count": len(pc.unique(table.column("Metadata_Site"))),
-                "Metadata_Object_Count": table.num_rows,
-            }
-        )
-        start = 0
-        for cols in chunks:
-            # features × cells, each feature contiguous: the partition runs along rows
-            arr = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64, copy=False)
-            out[w, start : start + len(cols)] = _row_medians(arr)
-            start += len(cols)
-        del table
-    frame = pd.concat([pd.DataFrame(meta), pd.DataFrame(out, columns=features)], axis=1)
-    return frame
+    pf = pq.ParquetFile(path)
+    groups = well_row_groups(pf)
+    features = [c for c in pf.schema_arrow.names if is_feature(c)]
+    wells = sorted(groups)
+    reader = _WellReader(path, pf, features)
+    threads = threads or _default_threads()
+    meta: list[dict[str, Any]] = []
+    values: list[np.ndarray] = []
+
+    def load(well: str) -> tuple[dict[str, Any], np.ndarray]:
+        return _well_meta(pf, well, groups[well]), reader.read(groups[well])
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            ahead = pool.submit(load, wells[0]) if wells else None
+            for i, well in enumerate(tqdm(wells, desc="well medians", unit="well", disable=None if progress else True)):
+                m, arr = ahead.result()
+                ahead = pool.submit(load, wells[i + 1]) if i + 1 < len(wells) else None
+                meta.append(m)
+                values.append(_parallel_row_medians(arr, pool if threads > 1 else None, features_per_chunk))
+                del arr
+    finally:
+        reader.close()
+    return _medians_frame(meta, values, features)
 
 
 # --------------------------------------------------------------------------- profile I/O
@@ -608,7 +908,7 @@ def run_aggregate(batch: str, plate: str, settings: Any, force: bool = False, th
         tmp.parent.mkdir(parents=True, exist_ok=True)
         info = build_single_cells(batch, plate, settings, tmp, threads=threads)
         log.info("plate %s/%s: %d cells, %d features from %d shards", batch, plate, info["cells"], info["features"], len(info["shards"]))
-        medians = well_medians(tmp)
+        medians = info["medians"]  # taken while the single-cell file was written
         counts = _well_counts(info["images"])
         medians = medians.join(counts, on="Metadata_Well")
         if "Metadata_Count_Cells" not in medians:
@@ -707,7 +1007,7 @@ def load_for_validation(batch: str, plate: str, settings: Any) -> list:
 @click.option("--batch", required=True, help="Batch name, e.g. 2020_11_04_CPJUMP1.")
 @click.option("--plate", required=True, help="Plate barcode.")
 @click.option("--storage-root", default=None, help="Override CPJUMP1_STORAGE_ROOT.")
-@click.option("--threads", type=int, default=None, help="DuckDB threads (default: all cores).")
+@click.option("--threads", type=int, default=None, help="DuckDB and median threads (default: all cores, medians at most 4).")
 @click.option("--force", is_flag=True, help="Recompute even when the outputs are complete.")
 def command(batch: str, plate: str, storage_root: str | None, threads: int | None, force: bool) -> None:
     """Join a plate's CellProfiler shards into single cells and well medians (<plate>.csv.gz)."""
@@ -801,13 +1101,16 @@ def write_synthetic_shards(
                 nuc = rng.permutation(n) + 1
                 cyt = rng.permutation(n) + 1
                 a, b = per_comp["Cells"], per_comp["Cells"] + per_comp["Cytoplasm"]
-                for j in range(n):  # cell j+1 has nucleus nuc[j] and cytoplasm cyt[j]
-                    writers["Cells"].writerow([image_number, j + 1, plate, well, site, int(nuc[j]), *map(repr, x[j, :a].tolist())])
-                order = np.argsort(nuc)
-                for j in order:
-                    writers["Nuclei"].writerow([image_number, int(nuc[j]), plate, well, site, int(nuc[j]), *map(repr, x[j, b:].tolist())])
-                for j in np.argsort(cyt):
-                    writers["Cytoplasm"].writerow([image_number, int(cyt[j]), plate, well, site, j + 1, int(nuc[j]), *map(repr, x[j, a:b].tolist())])
+                cells = np.arange(n)
+                # cell j+1 has nucleus nuc[j] and cytoplasm cyt[j]; each table in its own object order
+                rows = {
+                    "Cells": (cells, cells + 1, lambda j: [int(nuc[j])], slice(0, a)),
+                    "Nuclei": (np.argsort(nuc), nuc, lambda j: [int(nuc[j])], slice(b, None)),
+                    "Cytoplasm": (np.argsort(cyt), cyt, lambda j: [j + 1, int(nuc[j])], slice(a, b)),
+                }
+                for comp, (order, number, parents, cols) in rows.items():
+                    for j in order:
+                        writers[comp].writerow([image_number, int(number[j]), plate, well, site, *parents(j), *map(repr, x[j, cols].tolist())])
         finally:
             for fh in files.values():
                 fh.close()
@@ -842,7 +1145,7 @@ def write_synthetic_single_cells(
             ("Metadata_Shard", pa.string()),
             ("Metadata_ImageNumber", pa.int64()),
             ("Metadata_ObjectNumber", pa.int64()),
-            *[(c, pa_type) for c in cols],
+            *[pa.field(c, pa_type, nullable=False) for c in cols],
         ]
     )
     groups: dict[str, list[int]] = {}
