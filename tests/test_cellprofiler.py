@@ -88,6 +88,12 @@ def test_pipelines_are_cellprofiler_files_for_all_cpjump1_channels(settings):
     assert export.values("Overwrite existing files without warning?") == ["Yes"]
     texture = next(m for m in analysis if m.name == "MeasureTexture")
     assert len(texture.values("Texture scale to measure")) >= 2
+    # every per-image measurement covers every channel, fluorescent and bright-field
+    every = ", ".join(f"Corr{c}" for c in cp.CHANNELS)
+    for name in ("MeasureObjectIntensity", "MeasureGranularity", "MeasureTexture",
+                 "MeasureObjectIntensityDistribution", "MeasureColocalization"):
+        module = next(m for m in analysis if m.name == name)
+        assert module.values("Select images to measure") == [every], name
 
 
 def test_adapt_pipeline_to_the_six_channels_of_a_jump_site():
@@ -103,6 +109,9 @@ def test_adapt_pipeline_to_the_six_channels_of_a_jump_site():
     adapted = cp.adapt_pipeline((REPO / "pipelines" / "analysis.cppipe").read_text(), JUMP_CHANNELS)
     intensity = next(m for m in _modules(adapted) if m.name == "MeasureObjectIntensity")
     assert intensity.values("Select images to measure") == [", ".join(f"Corr{c}" for c in JUMP_CHANNELS)]
+    for name in ("MeasureTexture", "MeasureColocalization"):
+        module = next(m for m in _modules(adapted) if m.name == name)
+        assert module.values("Select images to measure") == [", ".join(f"Corr{c}" for c in JUMP_CHANNELS)], name
     apply = [m for m in _modules(adapted) if m.name == "CorrectIlluminationApply"]
     assert [m.values("Select the input image")[0] for m in apply] == [f"Orig{c}" for c in JUMP_CHANNELS]
 
@@ -196,6 +205,21 @@ def test_missing_cellprofiler_environment_is_a_clear_error(settings, capsys):
     assert main(["illum", "--batch", BATCH, "--plate", PLATE]) == 2
     err = capsys.readouterr().err
     assert "CellProfiler environment not found: /nonexistent/python" in err and "make cellprofiler-env" in err
+
+
+def test_digest_columns_are_dropped_from_image_tables(tmp_path):
+    # pandas 2.3's C parser segfaults on this digest (read as a float with a huge exponent), so
+    # it is only ever read here with the csv module and, after the drop, with pandas.
+    path = tmp_path / "Image.csv"
+    path.write_bytes(
+        b"Count_Nuclei,MD5Digest_OrigDNA,Metadata_Well,MD5Digest_IllumRNA\r\n"
+        b"12,0be30f01ae9afb9c87946f3494df8938,A01,840970e7163834292b0add5e1eb66f7a\r\n"
+        b"7,63830f045fff49c1f7f1256ccbd0143f,A02,840970e7163834292b0add5e1eb66f7a\r\n"
+    )
+    assert cp.drop_digest_columns(path) == ["MD5Digest_OrigDNA", "MD5Digest_IllumRNA"]
+    assert path.read_bytes() == b"Count_Nuclei,Metadata_Well\r\n12,A01\r\n7,A02\r\n"
+    assert pd.read_csv(path)["Count_Nuclei"].tolist() == [12, 7]
+    assert cp.drop_digest_columns(path) == []
 
 
 def test_feature_nan_table():
@@ -442,6 +466,7 @@ def test_synthetic_shards_tables_counts_and_features(analysed_plate):
         assert image["Count_Nuclei"].between(3, 80).all(), image["Count_Nuclei"].tolist()
         assert (image["Count_Cells"] == image["Count_Nuclei"]).all()
         assert (image["Count_Cytoplasm"] == image["Count_Cells"]).all()
+        assert not any(c.startswith("MD5Digest_") for c in image.columns)
         for comp in cp.COMPARTMENTS:
             df = tables[comp]
             assert len(df) == image[f"Count_{comp}"].sum()
@@ -453,6 +478,13 @@ def test_synthetic_shards_tables_counts_and_features(analysed_plate):
             assert any(c.startswith("Neighbors_") for c in df.columns) or comp == "Cytoplasm"
             assert any("Zernike" in c for c in df.columns if c.startswith("AreaShape_"))
             assert any("CorrBrightfield" in c for c in df.columns if c.startswith("Intensity_"))
+            # texture and colocalization include the out-of-focus bright-field planes
+            for plane in ("CorrLowZBF", "CorrHighZBF"):
+                assert any(plane in c for c in df.columns if c.startswith("Texture_")), (comp, plane)
+                assert any(plane in c for c in df.columns if c.startswith("Correlation_")), (comp, plane)
+            assert any(
+                c.startswith("Correlation_Correlation_") and "CorrLowZBF" in c and "CorrHighZBF" in c for c in df.columns
+            )
         assert {"Location_Center_X", "Location_Center_Y"} <= set(tables["Nuclei"].columns)
         assert "Parent_Nuclei" in tables["Cells"].columns
         assert {"Parent_Cells", "Parent_Nuclei"} <= set(tables["Cytoplasm"].columns)

@@ -48,6 +48,7 @@ whose marker matches; a shard killed midway has no marker and is redone.
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
 import functools
 import io
@@ -474,6 +475,35 @@ def _log_tail(path: Path, n: int = 15) -> str:
 # --------------------------------------------------------------------------- publishing
 
 
+#: Prefix of the per-file MD5 checksums LoadData adds to the Image table.
+DIGEST_PREFIX = "MD5Digest_"
+
+
+def drop_digest_columns(path: Path) -> list[str]:
+    """Remove LoadData's ``MD5Digest_*`` columns from an ``Image.csv`` in place; returns them.
+
+    Why: a hex digest such as ``840970e7163834292b0add5e1eb66f7a`` starts like a float with a
+    ten-digit exponent, and pandas 2.3's C parser (``read_csv`` with default type inference)
+    crashes the process with a segmentation fault on it — seen on a 16-site synthetic plate,
+    where 16 digests per site make one such value likely. The digests are checksums of the
+    input files, not features; the shard's marker fingerprints the inputs instead. The file is
+    rewritten with :mod:`csv`, keeping ExportToSpreadsheet's dialect (comma, CRLF)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return []
+    keep = [i for i, c in enumerate(rows[0]) if not c.startswith(DIGEST_PREFIX)]
+    dropped = [c for c in rows[0] if c.startswith(DIGEST_PREFIX)]
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows([r[i] for i in keep if i < len(r)] for r in rows)
+        os.replace(tmp, path)
+    return dropped
+
+
+
+
 def publish(files: dict[str, Path], folder: str, fp: str, settings: Settings, **marker: Any) -> dict[str, str]:
     """Copy finished files into ``folder`` (each atomically) and write the marker last.
 
@@ -490,6 +520,26 @@ def publish(files: dict[str, Path], folder: str, fp: str, settings: Settings, **
 
 
 # --------------------------------------------------------------------------- illum
+
+
+def _check_plate(table: pd.DataFrame, plate: str, url: str) -> None:
+    plates = sorted(set(table["Metadata_Plate"]))
+    if plates != [plate]:
+        raise InputDataError(f"{url}: Metadata_Plate is {', '.join(plates)}, expected only {plate}")
+
+
+def _open_plate(
+    batch: str, plate: str, csv_name: str, settings: Settings | None
+) -> tuple[Settings, storage.Layout, str, pd.DataFrame]:
+    """What both stages start from: the settings (defaults when ``None``), the storage layout,
+    and the plate's load_data CSV ``csv_name`` read and checked (metadata columns present,
+    rows present, one plate only). Returns ``(settings, layout, csv_url, table)``."""
+    settings = settings or get_settings()
+    layout = storage.Layout(settings.storage_root)
+    csv_url = storage.join(layout.load_data_dir(batch, plate), csv_name)
+    table = read_load_data(csv_url, settings, f"plate {plate} of batch {batch}")
+    _check_plate(table, plate, csv_url)
+    return settings, layout, csv_url, table
 
 
 @dataclass
@@ -514,14 +564,10 @@ def run_illum(
 ) -> StageResult:
     """Illumination functions ``<plate>_Illum<Ch>.npy`` for every channel of ``load_data.csv``
     into ``Layout.illum_dir(batch, plate)``; skipped when the folder's marker matches."""
-    settings = settings or get_settings()
     t_start = time.perf_counter()
+    settings, layout, csv_url, table = _open_plate(batch, plate, LOAD_DATA_CSV, settings)
     timing: dict[str, float] = {}
-    layout = storage.Layout(settings.storage_root)
     what = f"illum {batch}/{plate}"
-    csv_url = storage.join(layout.load_data_dir(batch, plate), LOAD_DATA_CSV)
-    table = read_load_data(csv_url, settings, f"plate {plate} of batch {batch}")
-    _check_plate(table, plate, csv_url)
     channels = channels_of(table.columns)
     text = pipeline_text("illum", channels, settings)
     version = check_environment(settings)
@@ -573,10 +619,6 @@ def run_illum(
     return StageResult(out_dir, published, False, len(table), channels, seconds=timing)
 
 
-def _check_plate(table: pd.DataFrame, plate: str, url: str) -> None:
-    plates = sorted(set(table["Metadata_Plate"]))
-    if plates != [plate]:
-        raise InputDataError(f"{url}: Metadata_Plate is {', '.join(plates)}, expected only {plate}")
 
 
 def _raise_failure(
@@ -605,14 +647,10 @@ def run_analysis(
     Checks the illumination functions exist before CellProfiler starts; a failure of
     CellProfiler names the unreadable file when there is one; the ``single_cell`` suite runs
     on the tables before they are published; skipped when the shard's marker matches."""
-    settings = settings or get_settings()
     t_start = time.perf_counter()
+    settings, layout, csv_url, full = _open_plate(batch, plate, LOAD_DATA_WITH_ILLUM_CSV, settings)
     timing: dict[str, float] = {}
-    layout = storage.Layout(settings.storage_root)
     what = f"analysis {batch}/{plate} shard {shard}"
-    csv_url = storage.join(layout.load_data_dir(batch, plate), LOAD_DATA_WITH_ILLUM_CSV)
-    full = read_load_data(csv_url, settings, f"plate {plate} of batch {batch}")
-    _check_plate(full, plate, csv_url)
     rows = shard_rows(batch, plate, shard, settings, len(full))
     table = full.iloc[rows].reset_index(drop=True)
     channels = channels_of(table.columns)
@@ -660,6 +698,7 @@ def run_analysis(
         lacking = [n for n, p in files.items() if not p.exists()]
         if lacking:
             raise Cpjump1Error(f"{what}: CellProfiler wrote no {', '.join(lacking)}; log:\n{_log_tail(run.log_path)}")
+        drop_digest_columns(out / "Image.csv")
         tables = {t: pd.read_csv(out / f"{t}.csv") for t in TABLES}
         counts = {t: int(len(tables[t])) for t in COMPARTMENTS}
         timing["read"] = time.perf_counter() - t0
