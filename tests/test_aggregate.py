@@ -212,13 +212,22 @@ def test_well_medians_raw_layout_and_fallback_equal_pycytominer(tmp_path):
     import pyarrow.parquet as pq
     import pycytominer
 
-    for cps, sites in ((7, 2), (5, 3)):  # 14 (even) and 15 (odd) cells per well
+    # 14 (even) and 15 (odd) cells per well; row groups of 30 rows (two wells each) and of 10
+    # rows (every well split over two row groups)
+    for cps, sites, group_rows in ((7, 2, 30), (5, 3, 10)):
         path = tmp_path / f"cells_{cps}.parquet"
-        aggregate.write_synthetic_single_cells(path, PLATE, WELLS, sites=sites, cells_per_site=cps, n_features=40, seed=2)
+        aggregate.write_synthetic_single_cells(
+            path, PLATE, WELLS, sites=sites, cells_per_site=cps, n_features=40, seed=2, row_group_bytes=8 * 40 * group_rows
+        )
         pf = pq.ParquetFile(path)
+        segments = aggregate.well_segments(pf)
+        if group_rows == 30:
+            assert pf.num_row_groups == 2 and segments[WELLS[1]] == [(0, 14, 14)]
+        else:
+            assert segments[WELLS[0]] == [(0, 0, 10), (1, 0, 5)]
         feats = [c for c in pf.schema_arrow.names if aggregate.is_feature(c)]
         reader = aggregate._WellReader(path, pf, feats)
-        assert reader.raw and reader._raw_group(0) is not None
+        assert reader.raw and all(reader._layout(g) is not None for g in range(pf.num_row_groups))
         reader.close()
         assert all(not pf.schema_arrow.field(c).nullable for c in feats)
         cells = pd.read_parquet(path)
@@ -267,7 +276,7 @@ def test_stage_writes_required_nan_features_and_medians_in_the_same_pass(setting
     cells = pd.read_parquet(out["single_cells"])
     assert cells[f"Nuclei_{names['Nuclei'][1]}"].isna().sum() > 0
     reader = aggregate._WellReader(out["single_cells"], pf, feats)
-    assert reader.raw and reader._raw_group(0) is not None
+    assert reader.raw and reader._layout(0) is not None
     reader.close()
     again = aggregate.well_medians(out["single_cells"], progress=False)
     prof = pd.read_csv(out["profile"])

@@ -15,10 +15,13 @@ bookkeeping columns such as ``Cells_Number_Object_Number``).
 
 The single cells of the plate are written to ``Layout.single_cell_file(batch, plate)``
 (Parquet, sorted by well, site, image and object; a row group never spans two wells, and the
-file's key-value metadata maps every well to its row groups). Well-level profiles are the
-per-feature **median** over the cells of a well (pycytominer ``aggregate(operation="median")``,
-NaN skipped), computed well by well and a few hundred features at a time, so peak memory
-depends on the size of one well, not on the number of cells in the plate.
+file's key-value metadata maps every well to its row groups; features are required float64,
+missing values NaN, uncompressed PLAIN, see :data:`PARQUET_OPTIONS`). Well-level profiles are
+the per-feature **median** over the cells of a well (pycytominer ``aggregate(operation=
+"median")``, NaN skipped). They are taken in the same pass that writes the single-cell file,
+from each well's rows while they are in memory, so peak memory depends on the size of one
+well, not on the number of cells in the plate, and the file is never read back.
+:func:`well_medians` computes the same numbers from a written file, one well at a time.
 
 The joins run in DuckDB one shard at a time (bounded by ``memory_limit``; DuckDB spills),
 shard outputs are merged by well with a k-way merge over the shards' record batches.
@@ -103,9 +106,10 @@ WELLS_KEY = b"cpjump1.wells"
 #: (non-nullable) float64 with a missing value stored as NaN, uncompressed, PLAIN-encoded, one
 #: v1 data page per column chunk, no statistics; dictionaries and statistics only for the
 #: metadata columns. Float64 measurements barely compress (snappy/zstd burn CPU on every read
-#: for a few per cent), and this layout lets :class:`_WellReader` read a well's feature block
-#: with one read instead of decoding thousands of column chunks one by one. Readers find a
-#: well's row groups through the WELLS_KEY metadata.
+#: for a few per cent), and this layout lets :class:`_WellReader` read a well's feature values
+#: straight into a (features × cells) array instead of decoding thousands of column chunks one
+#: by one. Readers find a well's rows through the WELLS_KEY metadata:
+#: ``{well: [[row group, first row in it, rows], ...]}``.
 PARQUET_OPTIONS = {
     "compression": "none",
     "use_dictionary": ["Metadata_Plate", "Metadata_Well", "Metadata_Shard"],
@@ -114,8 +118,11 @@ PARQUET_OPTIONS = {
     "data_page_size": 1 << 30,
     "max_rows_per_page": 1 << 30,
 }
-#: rows of a row group at most (a well with more cells spans several row groups)
-ROW_GROUP_ROWS = 65536
+#: a row group holds whole wells, about this many bytes of features (a well larger than that
+#: gets row groups of its own): few row groups keep the footer small (its metadata costs ~1 KB of
+#: memory per column chunk once parsed: one row group per well would be ~1 GB for 384 wells ×
+#: 3000 features), while the writer buffers at most one row group
+ROW_GROUP_BYTES = 256 << 20
 FEATURES_PER_CHUNK = 384
 VERSION = "aggregate-2"
 
@@ -410,13 +417,13 @@ def build_single_cells(
 
 def _merge_by_well(
     shard_files: list[Path], out_path: Path, plate: str, threads: int | None = None, progress: bool = True
-) -> tuple[int, dict[str, list[int]], pa.Schema, pd.DataFrame]:
+) -> tuple[int, dict[str, list[list[int]]], pa.Schema, pd.DataFrame]:
     """k-way merge of well-sorted shard files into one file whose row groups never span wells.
 
     The well medians are taken in the same pass, from the rows of each well while they are in
     memory (the numbers :func:`well_medians` gives for the written file), so the stage never
     reads the single-cell file back. Memory: one well (its Arrow rows and one float64 copy of
-    its features) plus a record batch per shard.
+    its features), a record batch per shard and the row group being filled (:class:`SingleCellWriter`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -431,18 +438,16 @@ def _merge_by_well(
         if first is not None:
             heap.append((first[0], i, first[1]))
     heapq.heapify(heap)
-    well_groups: dict[str, list[int]] = {}
     meta: list[dict[str, Any]] = []
     values: list[np.ndarray] = []
     n_cells = 0
-    group = 0
     pending: list[pa.RecordBatch] = []
     current: str | None = None
     threads = threads or _default_threads()
     bar = tqdm(desc=f"{plate} wells", unit="well", disable=None if progress else True)
 
     def flush(writer, pool):
-        nonlocal pending, group
+        nonlocal pending
         if not pending:
             return
         table = pa.Table.from_batches(pending, schema=schema)
@@ -451,16 +456,14 @@ def _merge_by_well(
         for j, c in enumerate(features):
             arr[j] = table.column(c).to_numpy()
         medians = pool.submit(_parallel_row_medians, arr, pool if threads > 1 else None, FEATURES_PER_CHUNK)
-        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)  # overlaps the medians
-        parts = -(-table.num_rows // ROW_GROUP_ROWS)
-        well_groups[current] = list(range(group, group + parts))
-        group += parts
+        writer.add(current, table)  # encoding and writing overlap the medians
         meta.append(_meta_of(table, current))
         values.append(medians.result())
         bar.update()
 
+    writer = SingleCellWriter(out_path, schema)
     try:
-        with pq.ParquetWriter(out_path, schema, **PARQUET_OPTIONS) as writer, ThreadPoolExecutor(max_workers=threads + 1) as pool:
+        with ThreadPoolExecutor(max_workers=threads + 1) as pool:
             while heap:
                 well, i, rb = heapq.heappop(heap)
                 if well != current:
@@ -472,7 +475,10 @@ def _merge_by_well(
                 if nxt is not None:
                     heapq.heappush(heap, (nxt[0], i, nxt[1]))
             flush(writer, pool)
-            writer.add_key_value_metadata({WELLS_KEY: json.dumps(well_groups).encode()})
+        well_groups = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         bar.close()
     if n_cells == 0:
@@ -480,21 +486,78 @@ def _merge_by_well(
     return n_cells, well_groups, schema, _medians_frame(meta, values, features)
 
 
-def well_row_groups(pf: pq.ParquetFile) -> dict[str, list[int]]:
-    """Map well → row groups of a single-cell file (from its metadata, or its statistics)."""
-    meta = pf.schema_arrow.metadata or {}
+class SingleCellWriter:
+    """Writes a plate's single cells well by well (wells in sorted order) into row groups made of
+    whole wells, about :data:`ROW_GROUP_BYTES` of features each, with :data:`PARQUET_OPTIONS`;
+    records where every well's rows are (``WELLS_KEY`` metadata). Holds at most one row group."""
+
+    def __init__(self, path: str | Path, schema: pa.Schema, row_group_bytes: int = ROW_GROUP_BYTES):
+        n_features = sum(1 for f in schema if is_feature(f.name))
+        self.limit = max(1, row_group_bytes // max(1, 8 * n_features))
+        self.writer = pq.ParquetWriter(path, schema, **PARQUET_OPTIONS)
+        self.pending: list[tuple[str, pa.Table]] = []
+        self.rows = 0
+        self.group = 0
+        self.segments: dict[str, list[list[int]]] = {}
+
+    def add(self, well: str, table: pa.Table) -> None:
+        if self.pending and self.rows + table.num_rows > self.limit:
+            self._flush()
+        self.pending.append((well, table))
+        self.rows += table.num_rows
+        if self.rows >= self.limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        if len(self.pending) == 1 and self.rows > self.limit:  # one big well: several row groups
+            well, table = self.pending[0]
+            self.writer.write_table(table, row_group_size=self.limit)
+            for start in range(0, table.num_rows, self.limit):
+                self.segments.setdefault(well, []).append([self.group, 0, min(self.limit, table.num_rows - start)])
+                self.group += 1
+        else:
+            table = pa.concat_tables([t for _, t in self.pending])
+            self.writer.write_table(table, row_group_size=max(1, table.num_rows))
+            start = 0
+            for well, t in self.pending:
+                self.segments.setdefault(well, []).append([self.group, start, t.num_rows])
+                start += t.num_rows
+            self.group += 1
+        self.pending, self.rows = [], 0
+
+    def close(self) -> dict[str, list[list[int]]]:
+        self._flush()
+        self.writer.add_key_value_metadata({WELLS_KEY: json.dumps(self.segments).encode()})
+        self.writer.close()
+        return self.segments
+
+    def abort(self) -> None:
+        self.writer.close()
+
+
+def well_segments(pf: pq.ParquetFile) -> dict[str, list[tuple[int, int, int]]]:
+    """Map well → its rows in a single-cell file as ``(row group, first row, rows)`` segments
+    (from the ``WELLS_KEY`` metadata; older files list whole row groups; files without it need
+    one well per row group, found from the statistics)."""
+    meta = pf.metadata.metadata or {}  # the file's key-value metadata (written at close)
     if WELLS_KEY in meta:
-        return json.loads(meta[WELLS_KEY])
+        out = {}
+        for well, segs in json.loads(meta[WELLS_KEY]).items():
+            out[well] = [tuple(x) if isinstance(x, list) else (x, 0, pf.metadata.row_group(x).num_rows) for x in segs]
+        return out
     idx = pf.schema_arrow.get_field_index("Metadata_Well")
-    out: dict[str, list[int]] = {}
+    out = {}
     for g in range(pf.num_row_groups):
         st = pf.metadata.row_group(g).column(idx).statistics
         if st is None or st.min != st.max:
             raise InputDataError(f"{pf}: row group {g} is not one well; rebuild the single-cell file")
-        out.setdefault(str(st.min), []).append(g)
+        out.setdefault(str(st.min), []).append((g, 0, pf.metadata.row_group(g).num_rows))
     return out
 
 
+# --------------------------------------------------------------------------- medians
 
 
 def _row_medians(arr: np.ndarray, overwrite: bool = False) -> np.ndarray:
@@ -636,15 +699,17 @@ def _page_header(buf: bytes) -> tuple[int, dict[str, int]]:
 
 class _WellReader:
     """Reads the feature columns of one well of a single-cell file as a (features × cells)
-    float64 array.
+    float64 array, and the well's plate and site count.
 
-    Fast path for the layout :func:`single_cell_schema` / :data:`PARQUET_OPTIONS` write (features
-    required ``DOUBLE``, uncompressed, PLAIN, one v1 data page per column chunk, the feature
-    columns stored one after the other in schema order): the row group's feature block is read
-    with one ``pread`` and viewed as a strided (features × cells) array, after checking that
-    every column chunk starts where that layout puts it and carries the same page header. Any
-    other layout (another writer, compression, nullable columns, split pages) is read through
-    ``pyarrow`` instead, with the same result.
+    Fast path for the layout :func:`single_cell_schema` / :data:`PARQUET_OPTIONS` write
+    (features required ``DOUBLE``, uncompressed, PLAIN, one v1 data page per column chunk, the
+    feature columns stored one after the other in schema order): once per row group it checks
+    that every feature column chunk starts where that layout puts it and carries the same page
+    header (data page v1, PLAIN, all rows, no CRC); then a well's values, which are the bytes
+    ``8 * first row ...`` of each column's page, are read with one ``preadv`` per column straight
+    into the rows of the output array (no decoding, no intermediate buffer). Any other layout
+    (another writer, compression, nullable columns, split pages) is read through ``pyarrow``,
+    one row group at a time, with the same result.
     """
 
     def __init__(self, path: str | Path, pf: pq.ParquetFile, features: list[str]):
@@ -653,7 +718,6 @@ class _WellReader:
         self.features = features
         position = {c: i for i, c in enumerate(pf.schema_arrow.names)}
         self.index = [position[c] for c in features]
-        md = pf.metadata
         self.raw = bool(self.index) and self.index == list(range(self.index[0], self.index[0] + len(self.index)))
         if self.raw:
             for i in self.index:
@@ -661,38 +725,36 @@ class _WellReader:
                 if col.physical_type != "DOUBLE" or col.max_definition_level or col.max_repetition_level:
                     self.raw = False
                     break
-        if self.raw and md.num_row_groups:
-            rg = md.row_group(0)
-            self.raw = all(rg.column(i).compression == "UNCOMPRESSED" for i in self.index)
         self.fh = open(self.path, "rb") if self.raw else None
-        self.buffer: bytearray | None = None
-        self.lock = threading.Lock()
+        self.groups: dict[int, tuple[int, int, int] | None] = {}  # row group → (start, chunk size, header length)
+        self.cache: tuple[int, pa.Table | None, pa.Table] | None = None  # last row group read through pyarrow
 
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
 
-    def _raw_group(self, g: int) -> np.ndarray | None:
+    def _layout(self, g: int) -> tuple[int, int, int] | None:
+        """(offset of the first feature chunk, chunk size, page header length) when row group
+        ``g`` has the raw-readable layout, else None."""
+        if g in self.groups:
+            return self.groups[g]
+        self.groups[g] = None
         rg = self.pf.metadata.row_group(g)
         n, k = rg.num_rows, len(self.index)
         first, last = rg.column(self.index[0]), rg.column(self.index[-1])
-        if first.compression != "UNCOMPRESSED" or last.compression != "UNCOMPRESSED" or first.has_dictionary_page:
-            return None
         size = first.total_compressed_size
-        if size != last.total_compressed_size or last.data_page_offset != first.data_page_offset + (k - 1) * size:
+        if (
+            first.compression != "UNCOMPRESSED"
+            or last.compression != "UNCOMPRESSED"
+            or first.has_dictionary_page
+            or size != last.total_compressed_size
+            or last.data_page_offset != first.data_page_offset + (k - 1) * size
+        ):
             return None
-        with self.lock:  # one read buffer, reused: no fresh pages to fault in for every well
-            if self.buffer is None or len(self.buffer) < size * k:
-                self.buffer = bytearray(size * k)
-            buf = memoryview(self.buffer)[: size * k]
-            if os.preadv(self.fh.fileno(), [buf], first.data_page_offset) != size * k:
-                return None
-            return self._unpack(buf, n, k, size)
-
-    @staticmethod
-    def _unpack(buf: memoryview, n: int, k: int, size: int) -> np.ndarray | None:
+        fd, start = self.fh.fileno(), first.data_page_offset
+        head_bytes = os.pread(fd, min(size, 256), start)
         try:
-            hl, head = _page_header(buf)
+            hl, head = _page_header(head_bytes)
         except (IndexError, ValueError):
             return None
         if (
@@ -703,37 +765,52 @@ class _WellReader:
             or head.get("uncompressed") != 8 * n
             or hl + 8 * n != size
             or "crc" in head
+            or "other" in head
         ):
             return None
-        raw = np.frombuffer(buf, dtype=np.uint8)
-        heads = np.lib.stride_tricks.as_strided(raw, shape=(k, hl), strides=(size, 1))
-        if not (heads == raw[:hl]).all():
-            return None
-        view = np.ndarray((k, n), dtype="<f8", buffer=buf, offset=hl, strides=(size, 8))
-        return np.array(view, dtype=np.float64, order="C")
+        header = head_bytes[:hl]
+        for j in range(1, k):  # every chunk has the same header, so the same length and layout
+            if os.pread(fd, hl, start + j * size) != header:
+                return None
+        self.groups[g] = (start + hl, size, hl)
+        return self.groups[g]
 
-    def read(self, groups: list[int]) -> np.ndarray:
-        parts = []
-        for g in groups:
-            arr = self._raw_group(g) if self.raw else None
-            if arr is None:
-                table = self.pf.read_row_group(g, columns=self.features)
-                arr = np.empty((len(self.features), table.num_rows))
-                for j, col in enumerate(table.columns):
-                    arr[j] = col.to_numpy(zero_copy_only=False)
-            parts.append(arr)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    def _arrow(self, g: int, columns: list[str] | None) -> pa.Table:
+        if self.cache is None or self.cache[0] != g:
+            self.cache = (g, None, self.pf.read_row_group(g, columns=["Metadata_Plate", "Metadata_Site"]))
+        if columns is None:
+            return self.cache[2]
+        if self.cache[1] is None:
+            self.cache = (g, self.pf.read_row_group(g, columns=columns), self.cache[2])
+        return self.cache[1]
 
-
-def _well_meta(pf: pq.ParquetFile, well: str, groups: list[int]) -> dict[str, Any]:
-    table = pf.read_row_groups(groups, columns=["Metadata_Plate", "Metadata_Site"])
-    return _meta_of(table, well)
+    def read(self, well: str, segments: list[tuple[int, int, int]]) -> tuple[dict[str, Any], np.ndarray]:
+        total = sum(n for _, _, n in segments)
+        out = np.empty((len(self.features), total))
+        metas = []
+        col = 0
+        for g, first, n in segments:
+            layout = self._layout(g) if self.raw else None
+            if layout is not None:
+                values, size, _ = layout
+                fd = self.fh.fileno()
+                for j in range(len(self.features)):
+                    target = memoryview(out[j, col : col + n]).cast("B")
+                    if os.preadv(fd, [target], values + j * size + 8 * first) != 8 * n:
+                        raise InputDataError(f"{self.path}: row group {g} ends early (truncated file?)")
+            else:
+                table = self._arrow(g, self.features).slice(first, n)
+                for j, c in enumerate(table.columns):
+                    out[j, col : col + n] = c.to_numpy(zero_copy_only=False)
+            metas.append(self._arrow(g, None).slice(first, n))
+            col += n
+        return _meta_of(pa.concat_tables(metas), well), out
 
 
 def _meta_of(table: pa.Table, well: str) -> dict[str, Any]:
     plates = pc.unique(table.column("Metadata_Plate")).to_pylist()
     return {
-        "Metadata_Plate": plates[0],
+        "Metadata_Plate": plates[0] if plates else None,
         "Metadata_Well": well,
         "Metadata_Site_Count": len(pc.unique(table.column("Metadata_Site"))),
         "Metadata_Object_Count": table.num_rows,
@@ -756,34 +833,30 @@ def well_medians(
     Equals ``pycytominer.aggregate(cells, strata=["Metadata_Plate", "Metadata_Well"],
     operation="median")`` (NaN skipped; the mean of the two middle values for even counts),
     but holds at most two wells in memory (the one whose medians are taken and the next one,
-    read ahead in a background thread): memory does not grow with the number of wells or
-    cells of the plate. A well's features are read as one (features × cells) array
-    (:class:`_WellReader`), and the medians run ``features_per_chunk`` features per task on
-    ``threads`` threads (default: the usable cores, at most 4). Adds ``Metadata_Object_Count``
-    (cells) and ``Metadata_Site_Count``.
+    read ahead in a background thread): memory does not grow with the number of cells of the
+    plate. A well's features are read as one (features × cells) array (:class:`_WellReader`),
+    and the medians run ``features_per_chunk`` features per task on ``threads`` threads
+    (default: the usable cores, at most 4). Adds ``Metadata_Object_Count`` (cells) and
+    ``Metadata_Site_Count``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     pf = pq.ParquetFile(path)
-    groups = well_row_groups(pf)
+    segments = well_segments(pf)
     features = [c for c in pf.schema_arrow.names if is_feature(c)]
-    wells = sorted(groups)
+    wells = sorted(segments)
     reader = _WellReader(path, pf, features)
     threads = threads or _default_threads()
     meta: list[dict[str, Any]] = []
     values: list[np.ndarray] = []
-
-    def load(well: str) -> tuple[dict[str, Any], np.ndarray]:
-        return _well_meta(pf, well, groups[well]), reader.read(groups[well])
-
     try:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            ahead = pool.submit(load, wells[0]) if wells else None
+            ahead = pool.submit(reader.read, wells[0], segments[wells[0]]) if wells else None
             for i, well in enumerate(tqdm(wells, desc="well medians", unit="well", disable=None if progress else True)):
                 m, arr = ahead.result()
-                ahead = pool.submit(load, wells[i + 1]) if i + 1 < len(wells) else None
+                ahead = pool.submit(reader.read, wells[i + 1], segments[wells[i + 1]]) if i + 1 < len(wells) else None
                 meta.append(m)
                 values.append(_parallel_row_medians(arr, pool if threads > 1 else None, features_per_chunk))
                 del arr
@@ -1127,6 +1200,7 @@ def write_synthetic_single_cells(
     n_features: int = 3000,
     seed: int = 0,
     dtype=np.float64,
+    row_group_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write a single-cell Parquet file in this stage's layout directly, one well at a time.
 
@@ -1148,11 +1222,11 @@ def write_synthetic_single_cells(
             *[pa.field(c, pa_type, nullable=False) for c in cols],
         ]
     )
-    groups: dict[str, list[int]] = {}
     n = sites * cells_per_site
     from tqdm.auto import tqdm
 
-    with pq.ParquetWriter(path, schema, **PARQUET_OPTIONS) as writer:
+    writer = SingleCellWriter(path, schema, **({"row_group_bytes": row_group_bytes} if row_group_bytes else {}))
+    try:
         for w, well in enumerate(tqdm(wells, desc="synthetic cells", unit="well", disable=None)):
             x = np.asfortranarray(synthetic_cells(w, n, effects, seed, dtype=dtype))
             site = np.repeat(np.arange(1, sites + 1), cells_per_site)
@@ -1165,10 +1239,12 @@ def write_synthetic_single_cells(
                 pa.array(np.tile(np.arange(1, cells_per_site + 1), sites)),
                 *[pa.array(x[:, j]) for j in range(x.shape[1])],
             ]
-            writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=n)
-            groups[well] = [w]
+            writer.add(well, pa.Table.from_arrays(arrays, schema=schema))
             del x, arrays
-        writer.add_key_value_metadata({WELLS_KEY: json.dumps(groups).encode()})
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     return {"cells": n * len(wells), "features": len(cols)}
 
 
