@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ import pytest
 
 from cpjump1 import aggregate, profiles, storage
 from cpjump1.errors import InputDataError, MetadataError, ValidationFailed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pycytominer_baseline  # noqa: E402  (benchmarks/pycytominer_baseline.py: the reference the benchmark times)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "cpjump1"
@@ -52,52 +56,9 @@ def _text(url: str) -> str:
 
 
 def stepwise_reference(settings, out_dir: Path, plates=PLATES) -> dict[tuple[str, str], Path]:
-    """pycytominer called step by step with CSV files in between (what the seed's recipe does)."""
-    import pycytominer
-
-    from cpjump1.catalog import PERTURBATION_TABLES, load_catalog
-
-    cfg = profiles.load_config(settings)
-    cat = load_catalog(settings.metadata_dir)
-    fs = cfg["feature_select"]
-    blocklist = [x for x in (Path(settings.metadata_dir) / "blocklist_features.txt").read_text().split() if x != "blocklist"]
-    fs_kw = dict(operation=fs["operations"], freq_cut=fs["freq_cut"], unique_cut=fs["unique_cut"],
-                 corr_threshold=fs["corr_threshold"], na_cutoff=fs["na_cutoff"], blocklist=blocklist)
-    io_kw = dict(float_format="%.5g", compression_options="gzip")
-    out: dict[tuple[str, str], Path] = {}
-    negcon = "Metadata_control_type == 'negcon'"
-    for p in plates:
-        plate = cat.plate(BATCH, p)
-        meta = pd.read_csv(cat.root / "external_metadata" / PERTURBATION_TABLES[plate.perturbation], sep="\t")
-        meta = meta.rename(columns=(cfg["annotate"]["external"]["rename"].get(plate.perturbation) or {}))
-        meta_path = out_dir / f"{plate.perturbation}_metadata.csv"
-        meta.to_csv(meta_path, index=False)
-        f = {lv: out_dir / f"{p}{sfx}.csv.gz" for lv, sfx in profiles.LEVELS.items()}
-        pycytominer.annotate(
-            profiles=storage.Layout(settings.storage_root).profile_file(BATCH, p),
-            platemap=str(cat.plate_map_path(BATCH, plate.plate_map)),
-            join_on=["Metadata_well_position", "Metadata_Well"],
-            external_metadata=str(meta_path), external_join_on=["Metadata_broad_sample"],
-            output_file=str(f["augmented"]), **io_kw,
-        )
-        for lv, samples in (("normalized", "all"), ("normalized_negcon", negcon)):
-            pycytominer.normalize(profiles=str(f["augmented"]), method="mad_robustize", mad_robustize_epsilon=0,
-                                  samples=samples, output_file=str(f[lv]), **io_kw)
-        for src, dst in (("normalized", "feature_select_plate"), ("normalized_negcon", "feature_select_negcon_plate")):
-            pycytominer.feature_select(profiles=str(f[src]), output_file=str(f[dst]), **fs_kw, **io_kw)
-        out.update({(p, lv): f[lv] for lv in profiles.PLATE_LEVELS})
-    for src, dst in (("normalized", "feature_select_batch"), ("normalized_negcon", "feature_select_negcon_batch")):
-        parts = [pd.read_csv(out[(p, src)]) for p in plates]
-        sel = pycytominer.feature_select(profiles=pd.concat(parts, ignore_index=True), **fs_kw)
-        meta_cols = [c for c in sel.columns if c.startswith("Metadata_")]
-        sel = sel[meta_cols + [c for c in sel.columns if c not in meta_cols]]
-        start = 0
-        for p, part in zip(plates, parts, strict=True):
-            path = out_dir / f"{p}{profiles.LEVELS[dst]}.csv.gz"
-            sel.iloc[start : start + len(part)].to_csv(path, index=False, float_format="%.5g")
-            start += len(part)
-            out[(p, dst)] = path
-    return out
+    """pycytominer called step by step with CSV files in between: the very function the
+    benchmark times (benchmarks/pycytominer_baseline.py)."""
+    return pycytominer_baseline.stepwise_pycytominer(settings, list(plates), out_dir, batch=BATCH)
 
 
 def test_outputs_have_seed_names_twins_and_qc(batch_run):
@@ -125,9 +86,12 @@ def test_outputs_have_seed_names_twins_and_qc(batch_run):
 def test_numbers_identical_to_stepwise_pycytominer_with_csv_in_between(batch_run, tmp_path):
     s = batch_run
     ref = stepwise_reference(s, tmp_path)
+    assert len(ref) == len(PLATES) * (len(profiles.PLATE_LEVELS) + len(profiles.BATCH_LEVELS))
     for (p, lv), path in ref.items():
         ours = _text(profiles.level_url(s, BATCH, p, lv))
-        assert ours == gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text(), (p, lv)
+        assert ours == gzip.decompress(path.read_bytes()).decode(), (p, lv)
+    same, differ = pycytominer_baseline.compare(s, ref, batch=BATCH)
+    assert same == len(ref) and not differ
 
 
 def test_batch_level_keeps_one_feature_set_and_metadata_union(batch_run):
@@ -331,3 +295,99 @@ def test_allow_missing_wells_is_remembered_by_validate(tmp_path):
     assert main(["validate", "--stage", "profiles", *args, "--plate", "BR00117010"]) == 0
     item = profiles.load_for_validation(BATCH, "BR00117010", s)
     assert set(item.df["Metadata_Well"].str[0]) <= set("ABCDEFGH")
+
+
+# --------------------------------------------------------------------------- numpy operations = pycytominer's
+
+
+def _tricky_frame(n=97, p=40, seed=3):
+    """Features with ties, NaN, integers, negative zero, constants and near-copies."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, p))
+    x[:, 1] = np.round(x[:, 1])  # few distinct values
+    x[:, 2] = 1.0
+    x[:5, 2] = 2.0  # nearly constant
+    x[rng.random(n) < 0.2, 3] = np.nan
+    x[:, 4] = x[:, 0] * 2 + rng.normal(0, 1e-3, n)  # near copy
+    x[:, 5] = np.where(rng.random(n) < 0.5, 0.0, -0.0)
+    x[:, 6] = np.nan
+    x[:, 7] = rng.integers(0, 3, n)
+    x[:, 8] = np.round(x[:, 8], 1)
+    names = [f"Cells_F{j}" for j in range(p)]
+    meta = pd.DataFrame({"Metadata_Well": [f"W{i}" for i in range(n)], "Metadata_control_type": np.where(np.arange(n) % 4 == 0, "negcon", "trt")})
+    return pd.concat([meta, pd.DataFrame(x, columns=names)], axis=1), names
+
+
+def test_mad_robustize_equals_pycytominer():
+    import pycytominer
+
+    df, names = _tricky_frame()
+    df = df.drop(columns=["Cells_F6"])
+    names.remove("Cells_F6")
+    x = df[names].to_numpy()
+    for samples, ref in (("all", np.ones(len(df), bool)), ("Metadata_control_type == 'negcon'", (df.Metadata_control_type == "negcon").to_numpy())):
+        for eps in (0.0, 1e-18):
+            theirs = pycytominer.normalize(df, method="mad_robustize", samples=samples, mad_robustize_epsilon=eps)[names].to_numpy()
+            ours = profiles.mad_robustize(x, ref, eps)
+            assert np.array_equal(ours, theirs, equal_nan=True), (samples, eps)
+
+
+def test_frequency_and_na_exclusions_equal_pycytominer():
+    from pycytominer.operations import frequency_threshold, get_na_columns
+
+    df, names = _tricky_frame()
+    x = df[names].to_numpy()
+    for freq_cut, unique_cut in ((0.05, 0.1), (0.2, 0.01), (0.5, 0.5)):
+        theirs = set(frequency_threshold(df, features=names, freq_cut=freq_cut, unique_cut=unique_cut))
+        ours = {names[j] for j in np.flatnonzero(profiles.frequency_exclusions(x, freq_cut, unique_cut))}
+        assert ours == theirs, (freq_cut, unique_cut)
+    assert set(get_na_columns(df, features=names, cutoff=0.05)) == {n for n, f in zip(names, np.isnan(x).mean(axis=0)) if f > 0.05}
+
+
+def test_feature_selection_block_equals_pycytominer(tmp_path):
+    """select_features on a Block keeps exactly the columns pycytominer.feature_select keeps."""
+    import pycytominer
+
+    s = _settings(tmp_path / "data")
+    cfg = profiles.load_config(s)
+    fs = cfg["feature_select"]
+    df, names = _tricky_frame(n=200, p=60)
+    df = df.drop(columns=["Cells_F6"])  # all-NaN: pandas' correlation path, outside the fast one
+    df["Nuclei_Granularity_14_AGP"] = np.random.default_rng(1).normal(size=len(df))  # blocklisted
+    blocklist = [x for x in (Path(s.metadata_dir) / "blocklist_features.txt").read_text().split() if x != "blocklist"]
+    theirs = pycytominer.feature_select(df, operation=fs["operations"], freq_cut=fs["freq_cut"], unique_cut=fs["unique_cut"],
+                                        corr_threshold=fs["corr_threshold"], na_cutoff=fs["na_cutoff"], blocklist=blocklist)
+    b = profiles.block_of(df)
+    keep = profiles.select_features(b, s, cfg)
+    assert [b.features[k] for k in keep] == [c for c in theirs.columns if c.startswith(("Cells", "Nuclei", "Cytoplasm"))]
+
+
+def test_pandas_path_and_fast_path_write_the_same_profiles(tmp_path):
+    """A plate whose layout the numpy path does not take (an extra non-Metadata column) goes
+    through pandas/pycytominer; on the same wells both paths give the same levels."""
+    s = _settings(tmp_path / "data")
+    cfg = profiles.load_config(s)
+    level1 = aggregate.synthetic_well_profile("BR00117010", n_features=60, seed=5)
+    levels = list(profiles.PLATE_LEVELS)
+    fast, allowed_fast = profiles._frames_fast(level1, BATCH, "BR00117010", s, cfg, levels, "<test>")
+    slow, allowed_slow = profiles._frames_pandas(level1, BATCH, "BR00117010", s, cfg, levels, "<test>")
+    assert allowed_fast == allowed_slow
+    for lv in levels:
+        assert profiles.csv_text(fast[lv], "%.5g") == aggregate.format_csv(slow[lv], "%.5g"), lv
+        pd.testing.assert_frame_equal(fast[lv].frame(), slow[lv], check_dtype=True)
+    odd = level1.assign(Extra="x")
+    assert profiles._frames_fast(odd, BATCH, "BR00117010", s, cfg, levels, "<test>") is None
+
+
+def test_one_bad_plate_does_not_stop_the_others(tmp_path):
+    s = _settings(tmp_path / "data")
+    write_level1(s, plates=PLATES[:2], n_features=30, mutate=None)
+    bad = aggregate.synthetic_well_profile(PLATES[1], n_features=30, seed=1)
+    bad = bad[bad.Metadata_Well != "B02"].reset_index(drop=True)
+    aggregate.write_profile(bad, storage.Layout(s.storage_root).profile_file(BATCH, PLATES[1]), s)
+    with pytest.raises(InputDataError, match=rf"{PLATES[1]}.*B02"):
+        profiles.run_profiles(BATCH, s, plates=PLATES[:2], step="plate", jobs=2)
+    assert all(storage.exists(profiles.level_url(s, BATCH, PLATES[0], lv)) for lv in profiles.PLATE_LEVELS)
+    assert _no_plate_outputs(s, PLATES[1])
+    leftovers = [f for f in Path(s.storage_root).rglob("*") if ".staged-" in f.name]
+    assert not leftovers
