@@ -14,11 +14,17 @@ side by side on the same synthetic plate and reports:
 * the stage's overhead on a plate of >= 16 sites: (stage wall time - CellProfiler wall time)
   / CellProfiler wall time, with the stage's parts (load_data/fingerprint, staging,
   reading + checks, publishing, marker) and, separately, the Great Expectations suite; and the
-  stage's wall time against the baseline's.
+  stage's wall time against the baseline's;
+* with ``--fixed-cost N``: CellProfiler's time outside its modules split into a fixed cost per
+  call and a cost per site (by hand on 1 and on N sites), i.e. what one more shard costs;
+* with ``--compare-bf``: the cost of measuring texture and colocalization on the two
+  out-of-focus bright-field planes too (the pipeline with and without them, same sites).
 
-Usage::
+Usage (heavy: run under the team's CPU lock, ``flock /tmp/team/cpu.lock …``)::
 
-    uv run --frozen --no-sync python benchmarks/bench_cellprofiler.py [--sites-256 16] [--sites-1080 2]
+    uv run --frozen --no-sync python benchmarks/bench_cellprofiler.py --skip 256 1080 jump --fixed-cost 4
+    uv run --frozen --no-sync python benchmarks/bench_cellprofiler.py --skip overhead 256 --sites-1080 1
+    uv run --frozen --no-sync python benchmarks/bench_cellprofiler.py --skip overhead 1080 jump --sites-256 4 --compare-bf
 
 Results are printed as a Markdown table and written to ``--out`` (JSON).
 """
