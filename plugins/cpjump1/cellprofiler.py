@@ -502,8 +502,6 @@ def drop_digest_columns(path: Path) -> list[str]:
     return dropped
 
 
-
-
 def publish(files: dict[str, Path], folder: str, fp: str, settings: Settings, **marker: Any) -> dict[str, str]:
     """Copy finished files into ``folder`` (each atomically) and write the marker last.
 
@@ -617,8 +615,6 @@ def run_illum(
     timing["total"] = time.perf_counter() - t_start
     log.info("%s: %d illumination functions in %s (%.1f s)", what, len(expected), out_dir, timing["total"])
     return StageResult(out_dir, published, False, len(table), channels, seconds=timing)
-
-
 
 
 def _raise_failure(
