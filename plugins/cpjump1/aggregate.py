@@ -705,9 +705,9 @@ class _WellReader:
     (features required ``DOUBLE``, uncompressed, PLAIN, one v1 data page per column chunk, the
     feature columns stored one after the other in schema order): once per row group it checks
     that every feature column chunk starts where that layout puts it and carries the same page
-    header (data page v1, PLAIN, all rows, no CRC); then a well's values, which are the bytes
-    ``8 * first row ...`` of each column's page, are read with one ``preadv`` per column straight
-    into the rows of the output array (no decoding, no intermediate buffer). Any other layout
+    header (data page v1, PLAIN, all rows, no CRC), reads the row group's whole feature block
+    with one ``preadv`` into a reused buffer and cuts each of its wells out of it with one
+    strided copy (no decoding). Row groups are read in order, each once. Any other layout
     (another writer, compression, nullable columns, split pages) is read through ``pyarrow``,
     one row group at a time, with the same result.
     """
@@ -728,6 +728,8 @@ class _WellReader:
         self.fh = open(self.path, "rb") if self.raw else None
         self.groups: dict[int, tuple[int, int, int] | None] = {}  # row group → (start, chunk size, header length)
         self.cache: tuple[int, pa.Table | None, pa.Table] | None = None  # last row group read through pyarrow
+        self.buffer: bytearray | None = None  # the feature block of the last row group read raw
+        self.block: tuple[int, np.ndarray] | None = None
 
     def close(self) -> None:
         if self.fh is not None:
@@ -768,12 +770,31 @@ class _WellReader:
             or "other" in head
         ):
             return None
-        header = head_bytes[:hl]
-        for j in range(1, k):  # every chunk has the same header, so the same length and layout
-            if os.pread(fd, hl, start + j * size) != header:
-                return None
-        self.groups[g] = (start + hl, size, hl)
+        self.groups[g] = (start, size, hl)
         return self.groups[g]
+
+    def _block(self, g: int, layout: tuple[int, int, int]) -> np.ndarray | None:
+        """Row group ``g``'s feature block as a (features × rows) strided view of the reused
+        read buffer (one ``preadv`` per row group; the wells of the group are cut from it), or
+        None when a chunk's page header differs from the first one."""
+        if self.block is not None and self.block[0] == g:
+            return self.block[1]
+        start, size, hl = layout
+        k, n = len(self.index), (size - hl) // 8
+        if self.buffer is None or len(self.buffer) < size * k:
+            self.buffer = None
+            self.buffer = bytearray(size * k)
+        buf = memoryview(self.buffer)[: size * k]
+        if os.preadv(self.fh.fileno(), [buf], start) != size * k:
+            raise InputDataError(f"{self.path}: row group {g} ends early (truncated file?)")
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        heads = np.lib.stride_tricks.as_strided(raw, shape=(k, hl), strides=(size, 1))
+        if not (heads == raw[:hl]).all():  # same header everywhere: same length and layout
+            self.groups[g] = None
+            return None
+        view = np.ndarray((k, n), dtype="<f8", buffer=buf, offset=hl, strides=(size, 8))
+        self.block = (g, view)
+        return view
 
     def _arrow(self, g: int, columns: list[str] | None) -> pa.Table:
         if self.cache is None or self.cache[0] != g:
@@ -791,13 +812,9 @@ class _WellReader:
         col = 0
         for g, first, n in segments:
             layout = self._layout(g) if self.raw else None
-            if layout is not None:
-                values, size, _ = layout
-                fd = self.fh.fileno()
-                for j in range(len(self.features)):
-                    target = memoryview(out[j, col : col + n]).cast("B")
-                    if os.preadv(fd, [target], values + j * size + 8 * first) != 8 * n:
-                        raise InputDataError(f"{self.path}: row group {g} ends early (truncated file?)")
+            block = self._block(g, layout) if layout is not None else None
+            if block is not None:
+                out[:, col : col + n] = block[:, first : first + n]
             else:
                 table = self._arrow(g, self.features).slice(first, n)
                 for j, c in enumerate(table.columns):
