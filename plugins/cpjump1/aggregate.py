@@ -14,9 +14,9 @@ the naming pycytominer and the seed's profiles use (pycytominer's blocklist late
 bookkeeping columns such as ``Cells_Number_Object_Number``).
 
 The single cells of the plate are written to ``Layout.single_cell_file(batch, plate)``
-(Parquet, sorted by well, site, image and object; a row group never spans two wells, and the
-file's key-value metadata maps every well to its row groups; features are required float64,
-missing values NaN, uncompressed PLAIN, see :data:`PARQUET_OPTIONS`). Well-level profiles are
+(Parquet, sorted by well, site, image and object; row groups of whole wells, and the file's
+key-value metadata says where every well's rows are; features are required float64, missing
+values NaN, uncompressed PLAIN, see :data:`PARQUET_OPTIONS` and :class:`SingleCellWriter`). Well-level profiles are
 the per-feature **median** over the cells of a well (pycytominer ``aggregate(operation=
 "median")``, NaN skipped). They are taken in the same pass that writes the single-cell file,
 from each well's rows while they are in memory, so peak memory depends on the size of one
