@@ -4,7 +4,7 @@ with pycytominer called step by step with CSV files in between (what the seed's 
 recipe does: annotate → normalize → normalize to negcon → feature select per plate, then
 feature selection over the batch).
 
-    uv run --frozen --no-sync python benchmarks/bench_profiles.py [--plates 51 --features 3000 --jobs 2]
+    uv run --frozen --no-sync python benchmarks/bench_profiles.py [--plates 51 --features 1000 --jobs 2]
 
 Ours runs as the DAG runs it: ``cpjump1 profiles --step plate --jobs J`` then
 ``cpjump1 profiles --step batch`` (subprocesses, imports included; each plate's profiles are
@@ -17,7 +17,6 @@ files is then compared: the decompressed CSV text must be identical. Results:
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -29,76 +28,25 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BATCH = "2020_11_04_CPJUMP1"
-
-
-def stepwise_pycytominer(settings, plates: list[str], out_dir: Path) -> dict[tuple[str, str], Path]:
-    """pycytominer step by step, each step reading the previous step's CSV file."""
-    import pandas as pd
-    import pycytominer
-
-    from cpjump1 import profiles, storage
-    from cpjump1.catalog import PERTURBATION_TABLES, load_catalog
-
-    cfg = profiles.load_config(settings)
-    cat = load_catalog(settings.metadata_dir)
-    fs = cfg["feature_select"]
-    blocklist = [x for x in (Path(settings.metadata_dir) / "blocklist_features.txt").read_text().split() if x != "blocklist"]
-    fs_kw = dict(operation=fs["operations"], freq_cut=fs["freq_cut"], unique_cut=fs["unique_cut"],
-                 corr_threshold=fs["corr_threshold"], na_cutoff=fs["na_cutoff"], blocklist=blocklist)
-    io_kw = dict(float_format="%.5g", compression_options="gzip")
-    negcon = "Metadata_control_type == 'negcon'"
-    out: dict[tuple[str, str], Path] = {}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, p in enumerate(plates):
-        plate = cat.plate(BATCH, p)
-        meta_path = out_dir / f"{plate.perturbation}_metadata.csv"
-        if not meta_path.exists():
-            meta = pd.read_csv(cat.root / "external_metadata" / PERTURBATION_TABLES[plate.perturbation], sep="\t")
-            meta.rename(columns=(cfg["annotate"]["external"]["rename"].get(plate.perturbation) or {})).to_csv(meta_path, index=False)
-        f = {lv: out_dir / f"{p}{sfx}.csv.gz" for lv, sfx in profiles.LEVELS.items()}
-        pycytominer.annotate(
-            profiles=storage.Layout(settings.storage_root).profile_file(BATCH, p),
-            platemap=str(cat.plate_map_path(BATCH, plate.plate_map)),
-            join_on=["Metadata_well_position", "Metadata_Well"],
-            external_metadata=str(meta_path), external_join_on=["Metadata_broad_sample"],
-            output_file=str(f["augmented"]), **io_kw,
-        )
-        for lv, samples in (("normalized", "all"), ("normalized_negcon", negcon)):
-            pycytominer.normalize(profiles=str(f["augmented"]), method="mad_robustize", mad_robustize_epsilon=0,
-                                  samples=samples, output_file=str(f[lv]), **io_kw)
-        for src, dst in (("normalized", "feature_select_plate"), ("normalized_negcon", "feature_select_negcon_plate")):
-            pycytominer.feature_select(profiles=str(f[src]), output_file=str(f[dst]), **fs_kw, **io_kw)
-        out.update({(p, lv): f[lv] for lv in profiles.PLATE_LEVELS})
-        print(f"  baseline plate {i + 1}/{len(plates)}", flush=True)
-    for src, dst in (("normalized", "feature_select_batch"), ("normalized_negcon", "feature_select_negcon_batch")):
-        parts = [pd.read_csv(out[(p, src)]) for p in plates]
-        sel = pycytominer.feature_select(profiles=pd.concat(parts, ignore_index=True), **fs_kw)
-        meta_cols = [c for c in sel.columns if c.startswith("Metadata_")]
-        sel = sel[meta_cols + [c for c in sel.columns if c not in meta_cols]]
-        start = 0
-        for p, part in zip(plates, parts, strict=True):
-            path = out_dir / f"{p}{profiles.LEVELS[dst]}.csv.gz"
-            sel.iloc[start : start + len(part)].to_csv(path, index=False, float_format="%.5g", compression="gzip")
-            start += len(part)
-            out[(p, dst)] = path
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pycytominer_baseline import BATCH, compare, stepwise_pycytominer  # noqa: E402  (shared with tests/test_profiles.py)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--plates", type=int, default=51)
-    ap.add_argument("--features", type=int, default=3000)
+    ap.add_argument("--features", type=int, default=1000)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profiles.json"))
     args = ap.parse_args()
 
-    from cpjump1 import aggregate, profiles, storage
+    from cpjump1 import aggregate, storage
     from cpjump1.catalog import load_catalog
     from cpjump1.settings import get_settings
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-profiles-"))
     s = get_settings(storage_root=str(work / "data"))
     plates = list(load_catalog(s.metadata_dir).batch(BATCH).plates)[: args.plates]
@@ -131,27 +79,21 @@ def main() -> None:
 
         t = time.perf_counter()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
-        ref = stepwise_pycytominer(s, plates, work / "baseline")
+        ref = stepwise_pycytominer(s, plates, work / "baseline", progress=True)
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         timings["pycytominer_stepwise_s"] = round(time.perf_counter() - t, 1)
         timings["pycytominer_stepwise_cpu_s"] = round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 1)
         print(f"pycytominer step by step: {timings['pycytominer_stepwise_s']} s", flush=True)
-        identical = compared = 0
-        mismatches = []
-        for (p, lv), path in ref.items():
-            compared += 1
-            a = gzip.decompress(Path(profiles.level_url(s, BATCH, p, lv)).read_bytes())
-            b = gzip.decompress(path.read_bytes())
-            if a == b:
-                identical += 1
-            else:
-                mismatches.append(f"{p}{profiles.LEVELS[lv]}")
+        identical, mismatches = compare(s, ref)
+        compared = len(ref)
         timings["speedup"] = round(timings["pycytominer_stepwise_s"] / timings["ours_total_s"], 2)
         timings["cpu_ratio"] = round(timings["pycytominer_stepwise_cpu_s"] / timings["ours_total_cpu_s"], 2)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, load average at end {os.getloadavg()[0]:.1f}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
+        "load_average_start": load_start,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "plates": len(plates),
         "features": args.features,
         "jobs": args.jobs,
