@@ -122,7 +122,7 @@ def listdir(url: str, settings: Any = None, detail: bool = False) -> list:
 def _local_ls(url: str) -> list[dict]:
     """``fs.ls(detail=True)`` for a local folder with one ``os.scandir`` pass: the same keys
     the callers use (name, size, type, mtime); fsspec's local ``ls`` calls ``info`` per entry,
-    which costs ~0.7 s on a 27648-image folder, this ~0.05 s."""
+    which cost ~0.7 s on a 27648-image folder, this ~0.2 s (CPU, measured 2026-11-26)."""
     folder = os.path.abspath(url.removeprefix("file://"))
     out = []
     try:
